@@ -1,0 +1,197 @@
+"""The plugin registry: built-ins and third-party packages, through the same pluggy hooks.
+
+Loading order (STYLE.md): every module of the built-in ``plugins`` package is registered by
+import path, then each entry point of group ``specreg`` is loaded on its own. A broken entry point
+prints a warning naming its distribution and the error, and the others keep working;
+``SPECREG_STRICT_PLUGINS=1`` makes it an error. Two plugins registering one name is an error
+naming both providers.
+
+    from core.plugins import get_registry
+    reg = get_registry()
+    Sn = reg.regularizers["sn"]
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.metadata as metadata
+import os
+import pkgutil
+import sys
+from types import ModuleType
+from typing import Any, Iterator, Mapping
+
+import attrs
+import pluggy
+
+from core import hookspecs
+from core.interfaces import PLUGIN_KINDS, Plugin
+
+ENTRY_POINT_GROUP = hookspecs.PROJECT
+STRICT_ENV = "SPECREG_STRICT_PLUGINS"
+
+
+class PluginError(Exception):
+    """A plugin could not be loaded or registered, or a name is not registered."""
+
+
+class UnknownPluginError(PluginError, KeyError):
+    """A name that no plugin registered; the message lists what is installed."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+@attrs.define
+class Provider:
+    """Where a plugin came from: a built-in module or an installed distribution."""
+
+    name: str  # module path of a built-in, or the entry point's name
+    distribution: str = "specreg (built-in)"
+    version: str = ""
+    registered: dict[str, list[str]] = attrs.field(factory=dict)  # kind -> names
+    error: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.distribution} ({self.name})"
+
+
+class Kind(Mapping[str, type]):
+    """Name -> plugin class for one kind; a missing name raises a helpful error."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._classes: dict[str, type] = {}
+        self.providers: dict[str, Provider] = {}
+
+    def __getitem__(self, name: str) -> type:
+        try:
+            return self._classes[name]
+        except KeyError:
+            raise UnknownPluginError(self.unknown_message(name)) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._classes)
+
+    def __len__(self) -> int:
+        return len(self._classes)
+
+    def unknown_message(self, name: str) -> str:
+        singular = self.kind[:-1] if self.kind.endswith("s") else self.kind
+        installed = ", ".join(sorted(self._classes)) or "none"
+        msg = f"unknown {singular} '{name}'"
+        close = difflib.get_close_matches(name, list(self._classes), n=1)
+        if close:
+            msg += f" (did you mean '{close[0]}'?)"
+        return msg + f"; installed: {installed}"
+
+
+class Registry:
+    """Mappings ``.regularizers``, ``.architectures``, ``.losses``, ``.metrics``, ``.datasets``."""
+
+    def __init__(self) -> None:
+        self.kinds: dict[str, Kind] = {kind: Kind(kind) for kind in PLUGIN_KINDS}
+        self.providers: list[Provider] = []
+        self.plugin_manager = pluggy.PluginManager(hookspecs.PROJECT)
+        self.plugin_manager.add_hookspecs(hookspecs)
+
+    def __getattr__(self, kind: str) -> Kind:
+        kinds = self.__dict__.get("kinds", {})
+        if kind in kinds:
+            return kinds[kind]
+        raise AttributeError(kind)
+
+    # -- registration --------------------------------------------------------------------------
+
+    def _register_callback(self, kind: str, provider: Provider):
+        base = PLUGIN_KINDS[kind]
+        table = self.kinds[kind]
+
+        def register(name: str, cls: type) -> None:
+            if not (isinstance(cls, type) and issubclass(cls, base)):
+                raise PluginError(f"{provider.label} registered {kind[:-1]} '{name}' as {cls!r}, "
+                                  f"which is not a subclass of {base.__module__}.{base.__name__}")
+            if name in table._classes:
+                other = table.providers[name]
+                raise PluginError(f"duplicate {kind[:-1]} name '{name}': registered by "
+                                  f"{other.label} and by {provider.label}")
+            cls.name = name
+            table._classes[name] = cls
+            table.providers[name] = provider
+            provider.registered.setdefault(kind, []).append(name)
+
+        return register
+
+    def add(self, plugin: Any, provider: Provider) -> None:
+        """Register one plugin object (module or instance) and collect what it registers."""
+        pm = self.plugin_manager
+        pm.register(plugin, name=f"{provider.distribution}:{provider.name}")
+        pm.check_pending()
+        for kind in PLUGIN_KINDS:
+            caller = getattr(pm.hook, f"register_{kind}")
+            for impl in caller.get_hookimpls():
+                if impl.plugin is plugin:
+                    impl.function(register=self._register_callback(kind, provider))
+        self.providers.append(provider)
+
+    def load_builtins(self) -> None:
+        import plugins as builtin_package
+
+        for info in sorted(pkgutil.walk_packages(builtin_package.__path__, "plugins."),
+                           key=lambda i: i.name):
+            module = importlib.import_module(info.name)
+            if _has_hookimpls(module):
+                self.add(module, Provider(name=info.name))
+
+    def load_entry_points(self, strict: bool | None = None) -> None:
+        strict = _strict() if strict is None else strict
+        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            dist = ep.dist.name if ep.dist is not None else "unknown distribution"
+            version = ep.dist.version if ep.dist is not None else ""
+            provider = Provider(name=ep.name, distribution=dist, version=version)
+            try:
+                self.add(ep.load(), provider)
+            except Exception as exc:  # one broken plugin must not take the tool down
+                provider.error = f"{type(exc).__name__}: {exc}"
+                for kind, names in provider.registered.items():  # undo a partial registration
+                    for n in names:
+                        self.kinds[kind]._classes.pop(n, None)
+                        self.kinds[kind].providers.pop(n, None)
+                provider.registered = {}
+                self.providers.append(provider)
+                if strict:
+                    raise PluginError(f"plugin '{ep.name}' from {dist} failed to load: "
+                                      f"{provider.error}") from exc
+                print(f"specreg: warning: plugin '{ep.name}' from {dist} {version} failed to load "
+                      f"and is skipped: {provider.error} (set {STRICT_ENV}=1 to make this an "
+                      f"error)", file=sys.stderr)
+
+    # -- use -----------------------------------------------------------------------------------
+
+    def create(self, kind: str, name: str, config: Any | None = None) -> Plugin:
+        return self.kinds[kind][name](config)
+
+
+def _has_hookimpls(module: ModuleType) -> bool:
+    return any(hasattr(getattr(module, attr, None), f"{hookspecs.PROJECT}_impl")
+               for attr in dir(module))
+
+
+def _strict() -> bool:
+    return os.environ.get(STRICT_ENV, "").strip().lower() in {"1", "true", "yes"}
+
+
+_REGISTRY: Registry | None = None
+
+
+def get_registry(refresh: bool = False) -> Registry:
+    """The process-wide registry, built on first use (``refresh=True`` rebuilds it)."""
+    global _REGISTRY
+    if _REGISTRY is None or refresh:
+        registry = Registry()
+        registry.load_builtins()
+        registry.load_entry_points()
+        _REGISTRY = registry
+    return _REGISTRY
