@@ -36,6 +36,10 @@ class PluginError(Exception):
     """A plugin could not be loaded or registered, or a name is not registered."""
 
 
+class DuplicatePluginError(PluginError):
+    """Two providers registered the same name for one kind."""
+
+
 class UnknownPluginError(PluginError, KeyError):
     """A name that no plugin registered; the message lists what is installed."""
 
@@ -56,6 +60,10 @@ class Provider:
     @property
     def label(self) -> str:
         return f"{self.distribution} ({self.name})"
+
+
+SINGULAR = {"regularizers": "regularizer", "architectures": "architecture", "losses": "loss",
+            "metrics": "metric", "datasets": "dataset"}
 
 
 class Kind(Mapping[str, type]):
@@ -79,7 +87,7 @@ class Kind(Mapping[str, type]):
         return len(self._classes)
 
     def unknown_message(self, name: str) -> str:
-        singular = self.kind[:-1] if self.kind.endswith("s") else self.kind
+        singular = SINGULAR[self.kind]
         installed = ", ".join(sorted(self._classes)) or "none"
         msg = f"unknown {singular} '{name}'"
         close = difflib.get_close_matches(name, list(self._classes), n=1)
@@ -111,11 +119,11 @@ class Registry:
 
         def register(name: str, cls: type) -> None:
             if not (isinstance(cls, type) and issubclass(cls, base)):
-                raise PluginError(f"{provider.label} registered {kind[:-1]} '{name}' as {cls!r}, "
+                raise PluginError(f"{provider.label} registered {SINGULAR[kind]} '{name}' as {cls!r}, "
                                   f"which is not a subclass of {base.__module__}.{base.__name__}")
             if name in table._classes:
                 other = table.providers[name]
-                raise PluginError(f"duplicate {kind[:-1]} name '{name}': registered by "
+                raise DuplicatePluginError(f"duplicate {SINGULAR[kind]} name '{name}': registered by "
                                   f"{other.label} and by {provider.label}")
             cls.name = name
             table._classes[name] = cls
@@ -136,6 +144,19 @@ class Registry:
                     impl.function(register=self._register_callback(kind, provider))
         self.providers.append(provider)
 
+    def remove(self, provider: Provider) -> None:
+        """Unregister everything ``provider`` registered (tests register plugins temporarily)."""
+        for kind, names in provider.registered.items():
+            for n in names:
+                self.kinds[kind]._classes.pop(n, None)
+                self.kinds[kind].providers.pop(n, None)
+        provider.registered = {}
+        name = f"{provider.distribution}:{provider.name}"
+        if self.plugin_manager.get_plugin(name) is not None:
+            self.plugin_manager.unregister(name=name)
+        if provider in self.providers:
+            self.providers.remove(provider)
+
     def load_builtins(self) -> None:
         import plugins as builtin_package
 
@@ -143,7 +164,7 @@ class Registry:
                            key=lambda i: i.name):
             module = importlib.import_module(info.name)
             if _has_hookimpls(module):
-                self.add(module, Provider(name=info.name))
+                self.add(module, Provider(name=info.name, version=_own_version()))
 
     def load_entry_points(self, strict: bool | None = None) -> None:
         strict = _strict() if strict is None else strict
@@ -153,13 +174,11 @@ class Registry:
             provider = Provider(name=ep.name, distribution=dist, version=version)
             try:
                 self.add(ep.load(), provider)
+            except DuplicatePluginError:
+                raise
             except Exception as exc:  # one broken plugin must not take the tool down
+                self.remove(provider)  # undo a partial registration
                 provider.error = f"{type(exc).__name__}: {exc}"
-                for kind, names in provider.registered.items():  # undo a partial registration
-                    for n in names:
-                        self.kinds[kind]._classes.pop(n, None)
-                        self.kinds[kind].providers.pop(n, None)
-                provider.registered = {}
                 self.providers.append(provider)
                 if strict:
                     raise PluginError(f"plugin '{ep.name}' from {dist} failed to load: "
@@ -177,6 +196,13 @@ class Registry:
 def _has_hookimpls(module: ModuleType) -> bool:
     return any(hasattr(getattr(module, attr, None), f"{hookspecs.PROJECT}_impl")
                for attr in dir(module))
+
+
+def _own_version() -> str:
+    try:
+        return metadata.version(hookspecs.PROJECT)
+    except metadata.PackageNotFoundError:
+        return ""
 
 
 def _strict() -> bool:

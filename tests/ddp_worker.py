@@ -1,0 +1,34 @@
+"""Run by the DDP tests under ``torchrun``: train a recipe, then save this rank's full state.
+
+    torchrun --nproc_per_node 2 tests/ddp_worker.py RECIPE OUT_DIR [KEY=VALUE ...]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from core.recipe import load_recipe
+from core.run import shutdown
+from core.train import Trainer, make_accelerator
+
+
+def main() -> None:
+    recipe_path, out = sys.argv[1], Path(sys.argv[2])
+    recipe = load_recipe(recipe_path, sys.argv[3:])
+    accelerator = make_accelerator(recipe)
+    trainer = Trainer(recipe, out / "run", accelerator)
+    trainer.fit()
+    state = {}
+    for key, model in trainer.models.items():
+        for name, value in trainer.unwrapped(model).state_dict().items():
+            state[f"{key}.{name}"] = value.detach().cpu().clone().contiguous()
+    save_file(state, str(out / f"rank{accelerator.process_index}.safetensors"))
+    accelerator.wait_for_everyone()
+    shutdown(0)
+
+
+if __name__ == "__main__":
+    main()

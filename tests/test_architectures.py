@@ -1,0 +1,471 @@
+"""Tests of the architecture plugins (SPEC §3): structure, forward contract, shortcut semantics,
+conditioning and initialization, with small widths so that every test runs in about a second."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.errors import SpecregError
+from core.interfaces import Architecture
+from core.plugins import get_registry
+from core.regularizer import weight_layers
+from plugins.architectures.blocks import (RESIDUAL_GAIN, ConditionalBatchNorm2d, DBlock, GBlock,
+                                          OptimizedDBlock)
+from plugins.architectures.cnn import StandardCNN
+from plugins.architectures.resnet import ResNet32, ResNet128
+from plugins.architectures.validation import ArchitectureConfigError
+
+torch.set_num_threads(1)
+
+#: small instances of every registered architecture: (registry name, Config keyword arguments).
+SMALL = [
+    ("resnet32", dict(ch=8, g_ch=8)),
+    ("resnet32", dict(ch=8, g_ch=8, num_classes=5)),
+    ("resnet128", dict(ch=2, g_ch=2, num_classes=7)),
+    ("resnet128", dict(ch=2, g_ch=2, num_classes=0)),
+    ("cnn", dict(resolution=32, ch=4, g_ch=16)),
+    ("cnn", dict(resolution=48, ch=4, g_ch=16)),
+    ("cnn", dict(resolution=64, ch=4, g_ch=16)),
+]
+IDS = [f"{name}-" + "-".join(f"{k}{v}" for k, v in kw.items()) for name, kw in SMALL]
+
+RESNET32_D_CONVS = ["b1.c1", "b1.c2", "b1.sc", "b2.c1", "b2.c2", "b2.sc",
+                    "b3.c1", "b3.c2", "b4.c1", "b4.c2"]
+RESNET128_D_CONVS = ["b1.c1", "b1.c2", "b1.sc",
+                     "b2.c1", "b2.c2", "b2.sc", "b3.c1", "b3.c2", "b3.sc",
+                     "b4.c1", "b4.c2", "b4.sc", "b5.c1", "b5.c2", "b5.sc",
+                     "b6.c1", "b6.c2"]
+
+
+def make(name: str, **kwargs) -> Architecture:
+    cls = get_registry().architectures[name]
+    return cls(cls.Config(**kwargs))
+
+
+def inputs(arch: Architecture, n: int = 3, seed: int = 0):
+    rng = torch.Generator().manual_seed(seed)
+    z, y = arch.sample_latents(n, rng)
+    x = torch.rand(n, 3, arch.resolution, arch.resolution, generator=rng) * 2 - 1
+    return z, y, x
+
+
+def conv_names(module: nn.Module) -> list[str]:
+    return [name for name, _ in weight_layers(module, (nn.Conv2d,))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry and interface
+# ---------------------------------------------------------------------------------------------
+
+
+def test_registered_under_their_names():
+    archs = get_registry().architectures
+    assert archs["resnet32"] is ResNet32
+    assert archs["resnet128"] is ResNet128
+    assert archs["cnn"] is StandardCNN
+
+
+def test_defaults_are_the_papers():
+    r32, r128, cnn = ResNet32(), ResNet128(), StandardCNN()
+    assert (r32.config.ch, r32.config.g_ch, r32.z_dim, r32.num_classes) == (128, 256, 128, 0)
+    assert (r32.resolution, r32.conditional) == (32, False)
+    assert (r128.config.ch, r128.config.g_ch, r128.z_dim, r128.num_classes) == (64, 64, 128, 1000)
+    assert (r128.resolution, r128.conditional) == (128, True)
+    assert (cnn.resolution, cnn.z_dim, cnn.config.ch, cnn.config.g_ch) == (32, 128, 64, 512)
+    assert not cnn.conditional
+
+
+@pytest.mark.parametrize("name,kwargs", SMALL, ids=IDS)
+def test_forward_shapes_and_range(name, kwargs):
+    arch = make(name, **kwargs)
+    G, D = arch.build_generator(), arch.build_discriminator()
+    z, y, x = inputs(arch)
+    assert z.shape == (3, arch.z_dim)
+    assert (y is None) == (not arch.conditional)
+    if arch.conditional:
+        assert y.dtype == torch.int64 and 0 <= int(y.min()) and int(y.max()) < arch.num_classes
+    images = G(z, y)
+    R = arch.resolution
+    assert images.shape == (3, 3, R, R)
+    assert torch.isfinite(images).all() and images.abs().max() <= 1
+    assert images.std() > 0  # not a constant image
+    for batch in (x, images):
+        logits = D(batch, y)
+        assert logits.shape == (3,)
+        assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name,kwargs", SMALL, ids=IDS)
+def test_every_parameter_gets_a_gradient(name, kwargs):
+    arch = make(name, **kwargs)
+    G, D = arch.build_generator(), arch.build_discriminator()
+    # Eval mode: batch norm is then a fixed affine map, so even biases right before a BN (which a
+    # training-mode BN cancels exactly) must receive a non-zero gradient.
+    G.eval()
+    z, y, _ = inputs(arch, n=4)
+    D(G(z, y), y).sum().backward()
+    for net in (G, D):
+        for pname, p in net.named_parameters():
+            assert p.grad is not None, pname
+            assert torch.isfinite(p.grad).all(), pname
+            assert p.grad.abs().sum() > 0, pname
+
+
+@pytest.mark.parametrize("name,kwargs", SMALL, ids=IDS)
+def test_training_mode_gradients_exist(name, kwargs):
+    arch = make(name, **kwargs)
+    G, D = arch.build_generator(), arch.build_discriminator()
+    z, y, _ = inputs(arch, n=4)
+    D(G(z, y), y).mean().backward()
+    for net in (G, D):
+        for pname, p in net.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+
+
+@pytest.mark.parametrize("name,kwargs", SMALL, ids=IDS)
+def test_named_modules_order_is_forward_order(name, kwargs):
+    """The spectral monitor numbers layers by ``named_modules()`` order: it must be the order in
+    which the forward pass uses them (checked with forward hooks)."""
+    arch = make(name, **kwargs)
+    G, D = arch.build_generator(), arch.build_discriminator()
+    z, y, x = inputs(arch)
+    for net, args in ((G, (z, y)), (D, (x, y))):
+        calls: list[str] = []
+        handles = [m.register_forward_hook(lambda mod, inp, out, n=n: calls.append(n))
+                   for n, m in weight_layers(net)]
+        net(*args)
+        for h in handles:
+            h.remove()
+        assert calls == [n for n, _ in weight_layers(net)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Discriminator structure: the paper's layer numbering
+# ---------------------------------------------------------------------------------------------
+
+
+def test_resnet32_discriminator_has_the_ten_documented_convs():
+    D = ResNet32(ResNet32.Config(ch=8)).build_discriminator()
+    assert conv_names(D) == RESNET32_D_CONVS
+    convs = dict(weight_layers(D, (nn.Conv2d,)))
+    assert [n for n in RESNET32_D_CONVS if convs[n].kernel_size == (1, 1)] == ["b1.sc", "b2.sc"]
+    assert convs["b1.c1"].in_channels == 3 and convs["b1.sc"].in_channels == 3
+    assert all(c.out_channels == 8 for c in convs.values())
+    assert D.b3.sc is None and D.b4.sc is None  # identity shortcuts
+    assert [n for n, _ in weight_layers(D)] == RESNET32_D_CONVS + ["linear"]
+    assert D.linear.in_features == 8 and D.linear.out_features == 1
+
+
+def test_resnet32_conditional_discriminator_keeps_the_conv_order():
+    D = ResNet32(ResNet32.Config(ch=8, num_classes=10)).build_discriminator()
+    assert [n for n, _ in weight_layers(D)] == RESNET32_D_CONVS + ["linear", "embed"]
+    assert D.embed.weight.shape == (10, 8)
+
+
+def test_resnet128_discriminator_has_the_seventeen_documented_convs():
+    ch = 2
+    D = ResNet128(ResNet128.Config(ch=ch, g_ch=2, num_classes=7)).build_discriminator()
+    assert conv_names(D) == RESNET128_D_CONVS
+    convs = dict(weight_layers(D, (nn.Conv2d,)))
+    assert conv_names(D)[2] == "b1.sc" and convs["b1.sc"].kernel_size == (1, 1)
+    widths = {"b1": (3, ch), "b2": (ch, 2 * ch), "b3": (2 * ch, 4 * ch), "b4": (4 * ch, 8 * ch),
+              "b5": (8 * ch, 16 * ch), "b6": (16 * ch, 16 * ch)}
+    for block, (cin, cout) in widths.items():
+        assert convs[f"{block}.c1"].in_channels == cin
+        assert convs[f"{block}.c2"].out_channels == cout
+    assert [getattr(D, f"b{i}").down for i in range(2, 7)] == [True] * 4 + [False]
+    assert [n for n, _ in weight_layers(D)] == RESNET128_D_CONVS + ["linear", "embed"]
+    assert D.embed.weight.shape == (7, 16 * ch)
+
+
+def test_resnet128_generator_widths_and_upsamplings():
+    G = ResNet128(ResNet128.Config(g_ch=3, num_classes=4)).build_generator()
+    g = 3
+    widths = [(G.get_submodule(f"b{i}").in_channels, G.get_submodule(f"b{i}").out_channels)
+              for i in range(1, 6)]
+    assert widths == [(16 * g, 16 * g), (16 * g, 8 * g), (8 * g, 4 * g), (4 * g, 2 * g), (2 * g, g)]
+    assert G.linear.out_features == 4 * 4 * 16 * g
+    assert G.resolution == 128
+    # every GBlock's batch norms are class-conditional, the final one is not
+    cbns = [n for n, m in G.named_modules() if isinstance(m, ConditionalBatchNorm2d)]
+    assert cbns == [f"b{i}.bn{j}" for i in range(1, 6) for j in (1, 2)]
+    assert type(G.bn) is nn.BatchNorm2d
+
+
+def test_standard_cnn_layout():
+    arch = StandardCNN(StandardCNN.Config(resolution=48, ch=4, g_ch=16))
+    D, G = arch.build_discriminator(), arch.build_generator()
+    convs = list(weight_layers(D, (nn.Conv2d,)))
+    assert [n for n, _ in convs] == [f"c{i}" for i in range(1, 8)]
+    assert [c.out_channels for _, c in convs] == [4, 4, 8, 8, 16, 16, 32]
+    assert [c.kernel_size[0] for _, c in convs] == [3, 4, 3, 4, 3, 4, 3]
+    assert [c.stride[0] for _, c in convs] == [1, 2, 1, 2, 1, 2, 1]
+    assert D.linear.in_features == 6 * 6 * 32
+    assert G.linear.out_features == 6 * 6 * 16
+    assert [G.get_submodule(f"dc{i}").out_channels for i in (1, 2, 3)] == [8, 4, 2]
+
+
+def test_standard_cnn_discriminator_matches_a_functional_recomputation():
+    arch = StandardCNN(StandardCNN.Config(resolution=32, ch=2))
+    D = arch.build_discriminator()
+    x = torch.randn(2, 3, 32, 32)
+    h = x
+    for k, s, name in zip((3, 4, 3, 4, 3, 4, 3), (1, 2, 1, 2, 1, 2, 1), [f"c{i}" for i in range(1, 8)]):
+        conv = getattr(D, name)
+        h = F.leaky_relu(F.conv2d(h, conv.weight, conv.bias, stride=s, padding=1), 0.1)
+    ref = h.flatten(1) @ D.linear.weight.t() + D.linear.bias
+    torch.testing.assert_close(D(x), ref.squeeze(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks: the shortcut sees the block's input unchanged
+# ---------------------------------------------------------------------------------------------
+
+
+def _conv(x, conv):
+    return F.conv2d(x, conv.weight, conv.bias, padding=conv.padding)
+
+
+def reference_dblock(x: torch.Tensor, block: DBlock) -> torch.Tensor:
+    """SPEC §3 DBlock, written independently with torch.nn.functional."""
+    h = _conv(F.relu(x), block.c1)
+    h = _conv(F.relu(h), block.c2)
+    s = x
+    if block.in_channels != block.out_channels or block.down:
+        s = _conv(x, block.sc)
+    if block.down:
+        h, s = F.avg_pool2d(h, 2), F.avg_pool2d(s, 2)
+    return h + s
+
+
+def reference_optimized_dblock(x: torch.Tensor, block: OptimizedDBlock) -> torch.Tensor:
+    h = F.avg_pool2d(_conv(F.relu(_conv(x, block.c1)), block.c2), 2)
+    return h + _conv(F.avg_pool2d(x, 2), block.sc)
+
+
+def reference_gblock(x: torch.Tensor, block: GBlock) -> torch.Tensor:
+    """Unconditional GBlock in training mode (batch statistics), with nn.functional."""
+    def bn(t, mod):
+        return F.batch_norm(t, None, None, mod.weight, mod.bias, training=True, eps=mod.eps)
+
+    up = lambda t: t.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)  # noqa: E731
+    h = _conv(up(F.relu(bn(x, block.bn1))), block.c1)
+    h = _conv(F.relu(bn(h, block.bn2)), block.c2)
+    return h + _conv(up(x), block.sc)
+
+
+@pytest.mark.parametrize("cin,cout,down", [(4, 4, False), (4, 4, True), (4, 6, False), (4, 6, True)])
+def test_dblock_matches_reference_and_leaves_input_alone(cin, cout, down):
+    torch.manual_seed(0)
+    block = DBlock(cin, cout, down)
+    x = torch.randn(2, cin, 8, 8)  # about half of it negative: an in-place ReLU would show
+    x_before = x.clone()
+    out = block(x)
+    torch.testing.assert_close(x, x_before, rtol=0, atol=0)
+    torch.testing.assert_close(out, reference_dblock(x_before, block))
+    assert (block.sc is None) == (cin == cout and not down)
+
+
+def test_identity_shortcut_passes_negative_inputs_through():
+    """With an identity shortcut, out - residual == x, negative entries included."""
+    torch.manual_seed(0)
+    block = DBlock(3, 3, down=False)
+    x = torch.randn(2, 3, 4, 4)
+    diff = block(x) - block.residual(x.clone())
+    torch.testing.assert_close(diff, x)
+    assert (diff < 0).any()
+
+
+def test_optimized_dblock_matches_reference():
+    torch.manual_seed(0)
+    block = OptimizedDBlock(3, 5)
+    x = torch.randn(2, 3, 8, 8)
+    x_before = x.clone()
+    out = block(x)
+    torch.testing.assert_close(x, x_before, rtol=0, atol=0)
+    torch.testing.assert_close(out, reference_optimized_dblock(x_before, block))
+    assert out.shape == (2, 5, 4, 4)
+
+
+def test_gblock_matches_reference():
+    torch.manual_seed(0)
+    block = GBlock(4, 6)
+    with torch.no_grad():  # non-trivial BN affine parameters
+        for bn in (block.bn1, block.bn2):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_()
+    x = torch.randn(3, 4, 5, 5)
+    x_before = x.clone()
+    out = block(x)
+    torch.testing.assert_close(x, x_before, rtol=0, atol=0)
+    torch.testing.assert_close(out, reference_gblock(x_before, block))
+    assert out.shape == (3, 6, 10, 10)
+
+
+def test_whole_resnet32_discriminator_matches_reference_blocks():
+    arch = ResNet32(ResNet32.Config(ch=6))
+    D = arch.build_discriminator()
+    x = torch.randn(2, 3, 32, 32)
+    h = reference_optimized_dblock(x, D.b1)
+    for b in (D.b2, D.b3, D.b4):
+        h = reference_dblock(h, b)
+    h = F.relu(h).sum(dim=(2, 3))  # global sum pooling, not mean
+    torch.testing.assert_close(D(x), (h @ D.linear.weight.t() + D.linear.bias).squeeze(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Conditioning
+# ---------------------------------------------------------------------------------------------
+
+
+def test_conditional_batch_norm_matches_functional():
+    torch.manual_seed(0)
+    cbn = ConditionalBatchNorm2d(4, num_classes=3)
+    with torch.no_grad():
+        cbn.gain.normal_()
+        cbn.bias.normal_()
+    x, y = torch.randn(5, 4, 3, 3), torch.tensor([0, 2, 1, 2, 0])
+    ref = F.batch_norm(x, None, None, training=True, eps=cbn.bn.eps)
+    ref = ref * cbn.gain[y].view(5, 4, 1, 1) + cbn.bias[y].view(5, 4, 1, 1)
+    torch.testing.assert_close(cbn(x, y), ref)
+
+
+def test_conditional_bn_tables_are_not_embedding_modules():
+    """Regularizers act on every Embedding (SPEC §2); the CBN gains must not be normalized."""
+    G = ResNet128(ResNet128.Config(g_ch=2, num_classes=7)).build_generator()
+    assert not any(isinstance(m, nn.Embedding) for m in G.modules())
+    assert G.b1.bn1.gain.shape == (7, 32)
+    torch.testing.assert_close(G.b1.bn1.gain, torch.ones(7, 32))
+    torch.testing.assert_close(G.b1.bn1.bias, torch.zeros(7, 32))
+
+
+@pytest.mark.parametrize("name,kwargs", [("resnet128", dict(ch=2, g_ch=2, num_classes=7)),
+                                         ("resnet32", dict(ch=4, g_ch=4, num_classes=5))])
+def test_conditional_generator_depends_on_labels(name, kwargs):
+    arch = make(name, **kwargs)
+    G = arch.build_generator().eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # after training the per-class gains differ; at init they are all 1
+        for m in G.modules():
+            if isinstance(m, ConditionalBatchNorm2d):
+                m.gain.normal_(1.0, 0.5)
+                m.bias.normal_(0.0, 0.5)
+    z = torch.randn(2, arch.z_dim)
+    a, b = G(z, torch.tensor([0, 1])), G(z, torch.tensor([3, 1]))
+    assert (a[0] - b[0]).abs().max() > 1e-3
+    torch.testing.assert_close(a[1], b[1])  # same label, same latent, eval mode: same image
+    with pytest.raises(ValueError, match="labels"):
+        G(z)
+
+
+def test_resnet128_projection_term_depends_on_y():
+    arch = ResNet128(ResNet128.Config(ch=2, g_ch=2, num_classes=7))
+    D = arch.build_discriminator()
+    x = torch.randn(2, 3, 128, 128)
+    y1, y2 = torch.tensor([0, 4]), torch.tensor([5, 4])
+    h = D.features(x)
+    # Miyato & Koyama (2018) eq. 3: D(x, y) = psi(h) + <embed(y), h>
+    torch.testing.assert_close(D(x, y1) - D(x, y2), ((D.embed.weight[y1] - D.embed.weight[y2]) * h).sum(1))
+    assert (D(x, y1) - D(x, y2))[0].abs() > 1e-4
+    psi = (h @ D.linear.weight.t() + D.linear.bias).squeeze(1)
+    torch.testing.assert_close(D(x, y1), psi + (D.embed.weight[y1] * h).sum(1))
+    with pytest.raises(ValueError, match="labels"):
+        D(x)
+
+
+def test_unconditional_networks_ignore_labels():
+    for arch in (ResNet32(ResNet32.Config(ch=4, g_ch=4)),
+                 StandardCNN(StandardCNN.Config(ch=2, g_ch=8))):
+        G, D = arch.build_generator().eval(), arch.build_discriminator()
+        z, x, y = torch.randn(2, 128), torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+        torch.testing.assert_close(G(z, y), G(z))
+        torch.testing.assert_close(D(x, y), D(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialization (Xavier-uniform with the reference's gains; N(0, 0.02) for the CNN)
+# ---------------------------------------------------------------------------------------------
+
+
+def xavier_bound(weight: torch.Tensor, gain: float) -> float:
+    receptive = weight[0, 0].numel() if weight.dim() > 2 else 1
+    fan_in, fan_out = weight.shape[1] * receptive, weight.shape[0] * receptive
+    return gain * math.sqrt(6.0 / (fan_in + fan_out))
+
+
+def assert_uniform(weight: torch.Tensor, bound: float) -> None:
+    w = weight.detach().double().flatten()
+    assert w.abs().max() <= bound
+    assert w.abs().max() > 0.98 * bound  # fills the whole interval
+    # variance of U(-b, b) is b^2 / 3; relative sampling error ~ sqrt(0.8 / n)
+    tol = 5 * math.sqrt(0.8 / w.numel())
+    assert abs(w.var().item() / (bound ** 2 / 3) - 1) < tol
+    assert abs(w.mean().item()) < 5 * bound / math.sqrt(3 * w.numel())
+
+
+def test_resnet_init_gains():
+    D = ResNet32(ResNet32.Config(ch=128, num_classes=10)).build_discriminator()
+    residual, shortcut = D.b2.c1.weight, D.b2.sc.weight  # 128x128x3x3 and 128x128x1x1
+    assert_uniform(residual, xavier_bound(residual, RESIDUAL_GAIN))
+    assert residual.abs().max() > xavier_bound(residual, 1.0)  # really gain sqrt(2), not 1
+    assert_uniform(shortcut, xavier_bound(shortcut, 1.0))
+    assert_uniform(D.embed.weight, xavier_bound(D.embed.weight, 1.0))
+    for conv in (D.b1.c1, D.b1.c2, D.b3.c2):
+        assert conv.weight.abs().max() <= xavier_bound(conv.weight, RESIDUAL_GAIN)
+        assert conv.weight.abs().max() > xavier_bound(conv.weight, 1.0)
+    assert D.b1.sc.weight.abs().max() <= xavier_bound(D.b1.sc.weight, 1.0)
+    assert D.linear.weight.abs().max() <= xavier_bound(D.linear.weight, 1.0)
+    for name, p in D.named_parameters():
+        if name.endswith("bias"):
+            assert torch.count_nonzero(p) == 0, name
+
+
+def test_resnet_generator_init_gains():
+    G = ResNet32(ResNet32.Config(g_ch=64)).build_generator()
+    assert_uniform(G.b1.c2.weight, xavier_bound(G.b1.c2.weight, RESIDUAL_GAIN))
+    assert_uniform(G.b1.sc.weight, xavier_bound(G.b1.sc.weight, 1.0))
+    assert_uniform(G.linear.weight, xavier_bound(G.linear.weight, 1.0))
+    assert G.conv_out.weight.abs().max() <= xavier_bound(G.conv_out.weight, 1.0)
+    assert torch.count_nonzero(G.conv_out.bias) == 0
+
+
+def test_standard_cnn_init():
+    arch = StandardCNN()
+    D, G = arch.build_discriminator(), arch.build_generator()
+    w = D.c7.weight.detach()  # 512x256x3x3, N(0, 0.02) truncated at 2 std
+    assert w.abs().max() <= 0.04
+    # std of a standard normal truncated to [-2, 2]: 0.8796
+    assert abs(w.std().item() / (0.02 * 0.8796) - 1) < 0.01
+    g = G.dc1.weight.detach()  # 512x256x4x4, plain N(0, 0.02)
+    assert abs(g.std().item() / 0.02 - 1) < 0.01 and g.abs().max() > 0.08
+    assert torch.count_nonzero(D.c1.bias) == 0 and torch.count_nonzero(G.linear.bias) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad configuration values: user-facing errors
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cnn_rejects_other_resolutions():
+    with pytest.raises(ArchitectureConfigError, match="32, 48, 64") as info:
+        StandardCNN(StandardCNN.Config(resolution=40))
+    assert isinstance(info.value, SpecregError)
+    with pytest.raises(ArchitectureConfigError, match="multiple of 8"):
+        StandardCNN(StandardCNN.Config(g_ch=12))
+
+
+@pytest.mark.parametrize("cls,kwargs,field", [
+    (ResNet32, dict(ch=0), "ch"),
+    (ResNet32, dict(g_ch=-3), "g_ch"),
+    (ResNet128, dict(z_dim=0), "z_dim"),
+    (ResNet128, dict(num_classes=-1), "num_classes"),
+    (StandardCNN, dict(ch=0), "ch"),
+])
+def test_nonpositive_widths_are_rejected(cls, kwargs, field):
+    with pytest.raises(SpecregError, match=field):
+        cls(cls.Config(**kwargs))

@@ -1,0 +1,111 @@
+"""The plugin registry: built-ins, entry points from installed distributions, failures, duplicates."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import write_distribution
+from core.interfaces import PLUGIN_KINDS
+from core.plugins import (DuplicatePluginError, PluginError, Registry, UnknownPluginError,
+                          get_registry)
+
+GOOD_PLUGIN = '''
+import attrs
+from core.hookspecs import hookimpl
+from core.interfaces import Loss
+
+class Wasserstein(Loss):
+    @attrs.define
+    class Config:
+        pass
+    def discriminator_loss(self, real, fake):
+        return fake.mean() - real.mean()
+    def generator_loss(self, fake):
+        return -fake.mean()
+
+@hookimpl
+def register_losses(register):
+    register("wasserstein_test", Wasserstein)
+'''
+
+
+def fresh_registry() -> Registry:
+    registry = Registry()
+    registry.load_builtins()
+    registry.load_entry_points()
+    return registry
+
+
+def test_builtins_are_registered_with_their_base_class():
+    registry = get_registry()
+    assert "hinge" in registry.losses
+    assert "stacked_digits" in registry.datasets
+    for kind, base in PLUGIN_KINDS.items():
+        for name, cls in registry.kinds[kind].items():
+            assert issubclass(cls, base)
+            assert cls.name == name
+            cls.Config()  # every Config is default-constructible
+
+
+def test_entry_point_of_an_installed_distribution_is_loaded(plugin_path):
+    write_distribution(plugin_path, "specreg-wasserstein", "specreg_wasserstein", GOOD_PLUGIN)
+    registry = fresh_registry()
+    cls = registry.losses["wasserstein_test"]
+    provider = registry.losses.providers["wasserstein_test"]
+    assert provider.distribution == "specreg-wasserstein" and provider.version == "0.1"
+    import torch
+    assert cls().discriminator_loss(torch.ones(3), torch.zeros(3)).item() == -1.0
+
+
+def test_broken_entry_point_warns_and_the_rest_keep_working(plugin_path, capsys, monkeypatch):
+    write_distribution(plugin_path, "specreg-broken", "specreg_broken", "import not_a_module_xyz\n")
+    write_distribution(plugin_path, "specreg-wasserstein", "specreg_wasserstein", GOOD_PLUGIN)
+    monkeypatch.delenv("SPECREG_STRICT_PLUGINS", raising=False)
+    registry = fresh_registry()
+    err = capsys.readouterr().err
+    assert "specreg-broken" in err and "not_a_module_xyz" in err
+    assert "wasserstein_test" in registry.losses and "hinge" in registry.losses
+    failed = [p for p in registry.providers if p.error]
+    assert [p.distribution for p in failed] == ["specreg-broken"]
+
+
+def test_strict_mode_makes_a_broken_plugin_an_error(plugin_path, monkeypatch):
+    write_distribution(plugin_path, "specreg-broken", "specreg_broken", "raise RuntimeError('boom')\n")
+    monkeypatch.setenv("SPECREG_STRICT_PLUGINS", "1")
+    with pytest.raises(PluginError, match="specreg-broken.*boom"):
+        fresh_registry()
+
+
+def test_duplicate_name_is_refused_naming_both_providers(plugin_path):
+    write_distribution(plugin_path, "specreg-dup", "specreg_dup",
+                       GOOD_PLUGIN.replace('"wasserstein_test"', '"hinge"'))
+    with pytest.raises(DuplicatePluginError) as info:
+        fresh_registry()
+    message = str(info.value)
+    assert "'hinge'" in message and "plugins.losses.hinge" in message and "specreg-dup" in message
+
+
+def test_registering_a_class_of_the_wrong_kind_is_refused(plugin_path):
+    write_distribution(plugin_path, "specreg-wrong", "specreg_wrong",
+                       GOOD_PLUGIN.replace("def register_losses", "def register_metrics"))
+    registry = fresh_registry()  # not strict: warned and skipped
+    assert "wasserstein_test" not in registry.metrics
+    (failed,) = [p for p in registry.providers if p.error]
+    assert "not a subclass" in failed.error
+
+
+def test_misspelled_hook_is_caught(plugin_path):
+    source = GOOD_PLUGIN.replace("def register_losses", "def register_loses")
+    write_distribution(plugin_path, "specreg-typo", "specreg_typo", source)
+    registry = fresh_registry()
+    (failed,) = [p for p in registry.providers if p.error]
+    assert "register_loses" in failed.error
+
+
+def test_unknown_name_lists_installed_and_nearest_match():
+    with pytest.raises(UnknownPluginError) as info:
+        get_registry().losses["hingee"]
+    message = str(info.value)
+    assert "unknown loss 'hingee'" in message
+    assert "did you mean 'hinge'" in message
+    assert "installed: " in message

@@ -1,0 +1,252 @@
+"""The training loop: accumulation == one big batch, exact resume, atomic checkpoints, NaN stop."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import attrs
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from core import checkpoint as ckpt
+from core.hookspecs import hookimpl
+from core.interfaces import Architecture
+from core.plugins import Provider, get_registry
+from core.recipe import load_recipe
+from core.train import NonFiniteLossError, Trainer, TrainingCallback, make_accelerator
+
+RECIPE = """
+seed = 1
+[dataset]
+name = "stacked_digits"
+num_samples = 512
+[architecture]
+name = "{arch}"
+ch = 8
+g_ch = 8
+[discriminator.regularizer]
+name = "sn"
+[train]
+iterations = 6
+batch_size = 16
+n_critic = 2
+lr_g = 1e-3
+lr_d = 1e-3
+[checkpoint]
+every = 3
+keep = 5
+[log]
+every = 1
+sample_every = 0
+grid_size = 4
+progress = false
+"""
+
+
+class NoBatchStatsGenerator(nn.Module):
+    """A generator whose output for one latent does not depend on the rest of the batch (no
+    BatchNorm), so micro-batching cannot change it; the loop is what the equivalence tests."""
+
+    def __init__(self, z_dim: int, resolution: int) -> None:
+        super().__init__()
+        self.resolution = resolution
+        self.fc = nn.Linear(z_dim, 64)
+        self.out = nn.Linear(64, 3 * resolution * resolution)
+
+    def forward(self, z, y=None):
+        h = torch.relu(self.fc(z))
+        return torch.tanh(self.out(h)).view(-1, 3, self.resolution, self.resolution)
+
+
+class NoBatchStats(Architecture):
+    """resnet32's discriminator (10 convs, SN applied by the recipe) + a BatchNorm-free generator."""
+
+    @attrs.define
+    class Config:
+        ch: int = 8
+        g_ch: int = 8
+
+    resolution = 32
+
+    def build_generator(self):
+        return NoBatchStatsGenerator(self.z_dim, 32)
+
+    def build_discriminator(self):
+        resnet32 = get_registry().architectures["resnet32"]
+        return resnet32(resnet32.Config(ch=self.config.ch, g_ch=self.config.g_ch)).build_discriminator()
+
+
+class _TestPlugin:
+    @hookimpl
+    def register_architectures(register):  # noqa: N805 - a namespace, as a module would be
+        register("test_no_batch_stats", NoBatchStats)
+
+
+@pytest.fixture
+def no_batch_stats_arch():
+    registry = get_registry()
+    provider = Provider(name="tests.test_training")
+    registry.add(_TestPlugin, provider)
+    try:
+        yield "test_no_batch_stats"
+    finally:
+        registry.remove(provider)
+
+
+def write_recipe(tmp_path, arch="resnet32"):
+    path = tmp_path / "recipe.toml"
+    path.write_text(RECIPE.format(arch=arch))
+    return path
+
+
+def make_trainer(recipe, run_dir, callbacks=None):
+    return Trainer(recipe, run_dir, make_accelerator(recipe), callbacks=callbacks)
+
+
+def state_of(trainer) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, model in trainer.models.items():
+        for name, value in trainer.unwrapped(model).state_dict().items():
+            out[f"{key}.{name}"] = value.detach().clone()
+    return out
+
+
+def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, no_batch_stats_arch):
+    path = write_recipe(tmp_path, no_batch_stats_arch)
+    results = {}
+    for cap in (0, 4):  # accumulation 1 vs 4
+        recipe = load_recipe(path, [f"train.micro_batch_size={cap}", "train.iterations=4",
+                                    "checkpoint.every=0"])
+        trainer = make_trainer(recipe, tmp_path / f"run{cap}")
+        assert trainer.plan.accumulation == (1 if cap == 0 else 4)
+        trainer.fit()
+        results[cap] = state_of(trainer)
+    one, many = results[0], results[4]
+    assert one.keys() == many.keys()
+    for name in one:
+        torch.testing.assert_close(many[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
+    # and training really moved the weights (the comparison is not between two initial states)
+    init = Trainer(load_recipe(path), tmp_path / "init", make_accelerator(load_recipe(path)))
+    moved = state_of(init)
+    assert not torch.allclose(moved["discriminator.b1.c1.parametrizations.weight.original"],
+                              one["discriminator.b1.c1.parametrizations.weight.original"])
+
+
+def test_power_iteration_runs_once_per_step_whatever_the_accumulation(tmp_path, no_batch_stats_arch):
+    path = write_recipe(tmp_path, no_batch_stats_arch)
+    us = []
+    for cap in (0, 2):
+        recipe = load_recipe(path, [f"train.micro_batch_size={cap}", "train.iterations=1"])
+        trainer = make_trainer(recipe, tmp_path / f"r{cap}")
+        trainer.train_iteration()
+        us.append(state_of(trainer)["discriminator.b1.c1.parametrizations.weight.0._u"])
+    torch.testing.assert_close(us[0], us[1], rtol=1e-5, atol=1e-7)
+
+
+class Interrupt(TrainingCallback):
+    """Raises in the middle of a run, after the checkpoint at ``after`` was written."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_iteration_end(self, trainer, iteration):
+        if iteration == self.at:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_and_resumed_run_is_bit_identical(tmp_path):
+    path = write_recipe(tmp_path)  # the real resnet32 (BatchNorm in G) with sn
+    recipe = load_recipe(path)
+    straight = make_trainer(recipe, tmp_path / "straight")
+    straight.fit()
+    reference = state_of(straight)
+
+    run_dir = tmp_path / "interrupted"
+    first = make_trainer(recipe, run_dir, callbacks=[Interrupt(at=5)])
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    latest = ckpt.resolve_checkpoint(run_dir)
+    assert latest.name == "iter_0000003"
+    second = make_trainer(recipe, run_dir)
+    second.resume(latest)
+    assert second.iteration == 3
+    second.fit()
+    resumed = state_of(second)
+    assert reference.keys() == resumed.keys()
+    for name in reference:
+        assert torch.equal(reference[name], resumed[name]), name
+    # the optimizers too
+    a, b = straight.opt_d.state_dict()["state"], second.opt_d.state_dict()["state"]
+    assert all(torch.equal(a[i]["exp_avg_sq"], b[i]["exp_avg_sq"]) for i in a)
+    # the metrics log has each iteration exactly once (the crashed run's tail was dropped)
+    iterations = [json.loads(line)["iteration"] for line in
+                  (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert iterations == [1, 2, 3, 4, 5, 6]
+
+
+def test_checkpoint_contents_load_without_unpickling(tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path), ["train.iterations=3"])
+    trainer = make_trainer(recipe, tmp_path / "run")
+    trainer.fit()
+    path = ckpt.resolve_checkpoint(tmp_path / "run")
+    weights = load_file(str(path / ckpt.MODELS))
+    assert any(k.endswith("._u") for k in weights)  # regularizer state travels
+    torch.load(path / ckpt.OPTIMIZERS, weights_only=True)  # no arbitrary objects inside
+    state = json.loads((path / ckpt.STATE).read_text())
+    assert state["iteration"] == 3 and state["data_position"] == 3 * recipe.train.n_critic
+
+
+def test_a_crash_while_writing_leaves_the_previous_checkpoint_latest(tmp_path, monkeypatch):
+    recipe = load_recipe(write_recipe(tmp_path), ["train.iterations=3"])
+    run_dir = tmp_path / "run"
+    trainer = make_trainer(recipe, run_dir)
+    trainer.fit()
+    good = ckpt.resolve_checkpoint(run_dir)
+    before = (good / ckpt.MODELS).read_bytes()
+
+    def crash(obj, path, *args, **kwargs):
+        with open(path, "wb") as fh:
+            fh.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt.torch, "save", crash)
+    trainer.iteration = 4
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_checkpoint()
+    assert ckpt.resolve_checkpoint(run_dir) == good
+    assert (good / ckpt.MODELS).read_bytes() == before
+    monkeypatch.undo()
+    fresh = make_trainer(recipe, tmp_path / "other")
+    fresh.resume(ckpt.resolve_checkpoint(run_dir))  # loads fine
+    assert fresh.iteration == 3
+    trainer.save_checkpoint()  # the next save replaces the half-written temporary folder
+    assert ckpt.resolve_checkpoint(run_dir).name == "iter_0000004"
+    assert not any(p.name.startswith(".tmp") for p in (run_dir / "checkpoints").iterdir())
+
+
+def test_old_checkpoints_are_pruned_to_keep(tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path), ["checkpoint.every=1", "checkpoint.keep=2"])
+    trainer = make_trainer(recipe, tmp_path / "run")
+    trainer.fit()
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("iter_*"))
+    assert names == ["iter_0000005", "iter_0000006"]
+
+
+class Poison(TrainingCallback):
+    def on_iteration_end(self, trainer, iteration):
+        if iteration == 3:
+            with torch.no_grad():
+                next(trainer.unwrapped(trainer.D).parameters()).fill_(math.nan)
+
+
+def test_non_finite_loss_stops_naming_iteration_and_last_checkpoint(tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path), ["checkpoint.every=2"])
+    trainer = make_trainer(recipe, tmp_path / "run", callbacks=[Poison()])
+    with pytest.raises(NonFiniteLossError) as info:
+        trainer.fit()
+    message = str(info.value)
+    assert "non-finite loss at iteration 4" in message
+    assert "iter_0000002" in message
