@@ -161,6 +161,16 @@ def test_resnet32_discriminator_has_the_ten_documented_convs():
     assert D.linear.in_features == 8 and D.linear.out_features == 1
 
 
+def test_layer_order_survives_spectral_norm_parametrization():
+    """Regularizers parametrize each weight (torch.nn.utils.parametrize); the layer names and
+    their order must stay the paper's numbering, and the forward pass must still work."""
+    D = ResNet32(ResNet32.Config(ch=8, num_classes=3)).build_discriminator()
+    for _, layer in list(weight_layers(D)):
+        torch.nn.utils.parametrizations.spectral_norm(layer)
+    assert [n for n, _ in weight_layers(D)] == RESNET32_D_CONVS + ["linear", "embed"]
+    assert D(torch.randn(2, 3, 32, 32), torch.tensor([0, 2])).shape == (2,)
+
+
 def test_resnet32_conditional_discriminator_keeps_the_conv_order():
     D = ResNet32(ResNet32.Config(ch=8, num_classes=10)).build_discriminator()
     assert [n for n, _ in weight_layers(D)] == RESNET32_D_CONVS + ["linear", "embed"]
@@ -210,9 +220,41 @@ def test_standard_cnn_layout():
     assert [G.get_submodule(f"dc{i}").out_channels for i in (1, 2, 3)] == [8, 4, 2]
 
 
+def rescale_weights(net: nn.Module) -> None:
+    """Unit-gain weights, so that each layer's effect shows in the output (N(0, 0.02) would
+    shrink the signal below assert_close's tolerance after a few layers)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _, layer in weight_layers(net):
+            w = layer.weight
+            fan_in = w[0].numel() if not isinstance(layer, nn.ConvTranspose2d) else w.shape[0]
+            w.normal_(0.0, 1.0 / math.sqrt(fan_in))
+
+
+def test_standard_cnn_generator_matches_a_functional_recomputation():
+    arch = StandardCNN(StandardCNN.Config(resolution=48, g_ch=16))
+    G = arch.build_generator()
+    rescale_weights(G)
+    z = torch.randn(3, 128)
+
+    def bn(t, mod):
+        return F.batch_norm(t, None, None, mod.weight, mod.bias, training=True, eps=mod.eps)
+
+    h = F.relu(bn(z @ G.linear.weight.t() + G.linear.bias, G.bn0)).view(3, 16, 6, 6)
+    for i in (1, 2, 3):
+        dc = G.get_submodule(f"dc{i}")
+        h = F.relu(bn(F.conv_transpose2d(h, dc.weight, dc.bias, stride=2, padding=1),
+                      G.get_submodule(f"bn{i}")))
+    ref = torch.tanh(F.conv2d(h, G.conv_out.weight, G.conv_out.bias, padding=1))
+    out = G(z)
+    assert out.shape == (3, 3, 48, 48)
+    torch.testing.assert_close(out, ref)
+
+
 def test_standard_cnn_discriminator_matches_a_functional_recomputation():
     arch = StandardCNN(StandardCNN.Config(resolution=32, ch=2))
     D = arch.build_discriminator()
+    rescale_weights(D)
     x = torch.randn(2, 3, 32, 32)
     h = x
     for k, s, name in zip((3, 4, 3, 4, 3, 4, 3), (1, 2, 1, 2, 1, 2, 1), [f"c{i}" for i in range(1, 8)]):
@@ -316,6 +358,18 @@ def test_whole_resnet32_discriminator_matches_reference_blocks():
         h = reference_dblock(h, b)
     h = F.relu(h).sum(dim=(2, 3))  # global sum pooling, not mean
     torch.testing.assert_close(D(x), (h @ D.linear.weight.t() + D.linear.bias).squeeze(1))
+
+
+def test_whole_resnet32_generator_matches_reference_blocks():
+    arch = ResNet32(ResNet32.Config(g_ch=6))
+    G = arch.build_generator()
+    z = torch.randn(3, 128)
+    h = (z @ G.linear.weight.t() + G.linear.bias).view(3, 6, 4, 4)
+    for b in (G.b1, G.b2, G.b3):
+        h = reference_gblock(h, b)
+    h = F.relu(F.batch_norm(h, None, None, G.bn.weight, G.bn.bias, training=True, eps=G.bn.eps))
+    ref = torch.tanh(F.conv2d(h, G.conv_out.weight, G.conv_out.bias, padding=1))
+    torch.testing.assert_close(G(z), ref)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -124,7 +124,7 @@ class DBlock(nn.Module):
         self.in_channels, self.out_channels, self.down = in_channels, out_channels, down
         hidden = in_channels
         self.c1 = xavier_init(nn.Conv2d(in_channels, hidden, 3, padding=1), RESIDUAL_GAIN)
-        self.c2 = xavier_init(nn.Conv2d(hidden, out_channels, 3, padding=1), 1.0)
+        self.c2 = xavier_init(nn.Conv2d(hidden, out_channels, 3, padding=1), RESIDUAL_GAIN)
         self.learnable_shortcut = in_channels != out_channels or down
         self.sc = xavier_init(nn.Conv2d(in_channels, out_channels, 1), 1.0) \
             if self.learnable_shortcut else None
