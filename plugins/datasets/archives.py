@@ -8,10 +8,11 @@ interrupted download leaves nothing behind. When the data stays missing, the
 :class:`core.errors.DataMissingError` names each missing or corrupted file, the URL torchvision
 uses, the exact folder to put the files in, and that ``download = true`` retries.
 
-    data = open_archive_dataset(torchvision.datasets.CIFAR10, folder, download=True,
+    data = open_archive_dataset(CIFAR10, folder, download=True,
                                 load=lambda root: CIFAR10(root, train=True),
-                                fetch=lambda root: CIFAR10(root, train=False, download=True),
-                                name="cifar10", prepare="python -m core.prepare cifar10 ...")
+                                fetch=lambda tmp: CIFAR10(tmp, train=False, download=True),
+                                name="cifar10", title="CIFAR-10",
+                                prepare="python -m core.prepare cifar10 --resolution 32")
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def expected_files(tv_class: type) -> list[tuple[str, str | None]]:
 def file_problems(tv_class: type, folder: Path) -> list[str]:
     """One line per expected file of ``folder/<base_folder>`` that is missing or fails its md5."""
     base = folder / tv_class.base_folder
+    if not base.is_dir():
+        return [f"missing: the folder {base}"]
     problems = []
     for name, md5 in expected_files(tv_class):
         path = base / name
@@ -66,6 +69,7 @@ def _move_tree(source: Path, target: Path) -> None:
 def download_into(folder: Path, fetch: Callable[[Path], object], keep: str) -> None:
     """Run ``fetch(tmp)`` in a fresh temporary folder inside ``folder``, then move ``tmp/keep``
     into ``folder/keep``; the temporary folder (archive included) is always removed."""
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=folder))
     try:
@@ -73,6 +77,8 @@ def download_into(folder: Path, fetch: Callable[[Path], object], keep: str) -> N
         _move_tree(tmp / keep, folder / keep)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created and not any(folder.iterdir()):
+            folder.rmdir()  # a failed first download leaves not even the folder
 
 
 def missing_message(tv_class: type, folder: Path, name: str, title: str, prepare: str,
@@ -94,7 +100,8 @@ def missing_message(tv_class: type, folder: Path, name: str, title: str, prepare
         "On a machine without internet, fetch that archive elsewhere and extract it here:",
         f"  tar -xzf {tv_class.filename} -C {folder}",
         f"so that {base}/ holds {names}.",
-        f"Or set download = true in the recipe's [dataset] table to retry the download.",
+        ("Running it again retries the download (download = true)." if download else
+         "Or set download = true in the recipe's [dataset] table to download it."),
         f"Once it is there, `{prepare}` writes the fast prepared array (optional).",
     ]
     return "\n".join(lines)

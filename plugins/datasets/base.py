@@ -51,7 +51,7 @@ class DecodedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         pixels, label = self.source[index]
-        return to_float(torch.from_numpy(pixels)), int(label)
+        return to_float(torch.from_numpy(pixels)).contiguous(), int(label)
 
 
 class ResizedSource(torch.utils.data.Dataset):

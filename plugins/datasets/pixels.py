@@ -49,5 +49,10 @@ def square_crop_resize(image: Image.Image, resolution: int, crop: int | None = N
 
 
 def to_float(pixels: torch.Tensor) -> torch.Tensor:
-    """``uint8 [..., H, W, 3]`` -> ``float32 [..., 3, H, W]`` with 0 -> -1 and 255 -> 1."""
-    return pixels.movedim(-1, -3).float().div(127.5).sub(1.0).contiguous()
+    """``uint8 [..., H, W, 3]`` -> ``float32 [..., 3, H, W]`` with 0 -> -1 and 255 -> 1.
+
+    The result is a channels-first *view* of a channels-last buffer: the arithmetic runs on the
+    contiguous pixels (fast), and batching with ``torch.stack`` (the DataLoader's collate) makes
+    the one copy that lays it out contiguously. Call ``.contiguous()`` before ``.view``.
+    """
+    return pixels.float().div_(127.5).sub_(1.0).movedim(-1, -3)

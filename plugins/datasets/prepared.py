@@ -2,9 +2,9 @@
 
 Three files per (dataset, split, resolution), in the dataset's folder of the data root::
 
-    <root>/<dataset>/prepared_<split>_<R>.npy          uint8 [N, R, R, 3] (NHWC), np.load(mmap_mode="r")
-    <root>/<dataset>/prepared_<split>_<R>_labels.npy   int64 [N]
-    <root>/<dataset>/prepared_<split>_<R>.json         the protocol: source, resolution, count, resize, ...
+    <root>/<dataset>/prepared_<split>_<R>.npy         uint8 [N, R, R, 3] (NHWC), memory-mapped
+    <root>/<dataset>/prepared_<split>_<R>_labels.npy  int64 [N]
+    <root>/<dataset>/prepared_<split>_<R>.json        protocol: source, resolution, count, resize
 
 :func:`write_prepared` decodes a dataset's source images with several worker processes and writes
 each file under a temporary name, then ``os.replace``s it into place; the JSON goes last and is
@@ -122,20 +122,21 @@ class PreparedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         pixels = torch.from_numpy(np.array(self.images[index]))
-        return to_float(pixels), int(self.labels[index])
+        return to_float(pixels).contiguous(), int(self.labels[index])
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
         idx = np.asarray(indices, dtype=np.int64)
         order = np.argsort(idx, kind="stable")
         block = np.empty((len(idx),) + self.images.shape[1:], dtype=np.uint8)
         block[order] = self.images[idx[order]]  # ascending reads from the map
-        images = to_float(torch.from_numpy(block))
+        images = to_float(torch.from_numpy(block))  # views, laid out by the collate's stack
         return [(images[i], int(self.labels[j])) for i, j in enumerate(idx)]
 
 
-def _stack(batch: list[tuple[np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray]:
-    return (np.stack([np.asarray(img, dtype=np.uint8) for img, _ in batch]),
-            np.asarray([label for _, label in batch], dtype=np.int64))
+def _stack(batch: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A worker's chunk as tensors (they travel to the main process through shared memory)."""
+    return (torch.from_numpy(np.stack([np.asarray(img, dtype=np.uint8) for img, _ in batch])),
+            torch.tensor([label for _, label in batch], dtype=torch.int64))
 
 
 def _check_space(folder: Path, needed: int) -> None:
@@ -151,7 +152,8 @@ def write_prepared(source: torch.utils.data.Dataset, files: PreparedFiles,
     """Decode every item ``(uint8 [R, R, 3], label)`` of ``source`` into ``files``; return the meta.
 
     ``workers`` processes decode in parallel (0: in this process). Files are written under
-    temporary names and moved into place at the end; any old set is invalidated first.
+    temporary names and moved into place at the end, the JSON last; an old set of the same
+    name stays in use until then, and a failed run removes its temporary files.
     """
     from tqdm.auto import tqdm
 
@@ -167,7 +169,6 @@ def write_prepared(source: torch.utils.data.Dataset, files: PreparedFiles,
     tmp_images = files.images.with_name(files.images.name + tag)
     tmp_labels = files.labels.with_name(files.labels.name + tag)
     tmp_meta = files.meta.with_name(files.meta.name + tag)
-    files.meta.unlink(missing_ok=True)  # the old set is no longer complete from here on
     start = time.perf_counter()
     try:
         images = np.lib.format.open_memmap(tmp_images, mode="w+", dtype=np.uint8, shape=shape)
@@ -181,8 +182,8 @@ def write_prepared(source: torch.utils.data.Dataset, files: PreparedFiles,
                 if block.shape[1:] != shape[1:]:
                     raise ValueError(f"source gave images of shape {block.shape[1:]}, "
                                      f"expected {shape[1:]}")
-                images[done:done + len(block)] = block
-                labels[done:done + len(block)] = block_labels
+                images[done:done + len(block)] = block.numpy()
+                labels[done:done + len(block)] = block_labels.numpy()
                 done += len(block)
                 bar.update(len(block))
         images.flush()
@@ -197,6 +198,7 @@ def write_prepared(source: torch.utils.data.Dataset, files: PreparedFiles,
         with open(tmp_meta, "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1, sort_keys=True)
             f.write("\n")
+        files.meta.unlink(missing_ok=True)  # an old set stays usable until this point
         os.replace(tmp_images, files.images)
         os.replace(tmp_labels, files.labels)
         os.replace(tmp_meta, files.meta)  # last: marks the set complete
