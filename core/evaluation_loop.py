@@ -1,10 +1,82 @@
-"""Evaluation during training: metrics on the main process, best checkpoint by a chosen score."""
+"""Evaluation during training: metrics on the main process, the best checkpoint by a chosen score.
+
+Every ``eval.every`` iterations (and at the end) the recipe's metrics run on the main process;
+the full records (scores + protocol) are appended to ``RUN/evaluations.jsonl`` and a flat
+``eval`` line (``{"modes.modes": 987, ...}``) goes to ``metrics.jsonl`` and TensorBoard. If
+``eval.best = "metric.key"`` improved, every process joins in saving ``checkpoints/best``.
+"""
 
 from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from core.errors import SpecregError
+from core.interfaces import EvaluationContext
+
+
+def flat_scores(records: list[dict[str, Any]]) -> dict[str, float]:
+    """``{"modes.modes": 987.0, "modes.kl": 0.1, ...}`` from evaluation records."""
+    return {f"{r['metric']}.{k}": v for r in records for k, v in r["values"].items()}
+
+
+def is_better(value: float, best: float | None, higher_is_better: bool) -> bool:
+    if not math.isfinite(value):
+        return False
+    return best is None or (value > best if higher_is_better else value < best)
 
 
 def make_evaluator(recipe):
     """A callable ``evaluate(trainer)`` for :meth:`core.train.Trainer.fit`, or None."""
     if not recipe.eval.metrics:
         return None
-    raise NotImplementedError("evaluation during training is wired up with the metrics plugins")
+    metrics = [spec.create() for spec in recipe.eval.metrics]
+    best_key = recipe.eval.best
+    if best_key and best_key.split(".", 1)[0] not in {spec.name for spec in recipe.eval.metrics}:
+        raise SpecregError(f"eval.best = '{best_key}' names no metric of eval.metrics "
+                           f"({', '.join(s.name for s in recipe.eval.metrics)}); "
+                           f"write it as 'metric.key', e.g. 'modes.modes'")
+
+    def evaluate(trainer) -> dict[str, float] | None:
+        from accelerate.utils import broadcast_object_list
+
+        from core.evaluation import evaluate as run_metrics
+
+        acc = trainer.acc
+        decision: list[Any] = [None]
+        if acc.is_main_process:
+            context = EvaluationContext(
+                generator=trainer.unwrapped(trainer.G), architecture=trainer.architecture,
+                dataset=trainer.dataset_plugin, data_root=Path(recipe.data_root),
+                device=acc.device, seed=recipe.seed, iteration=trainer.iteration,
+                batch_size=recipe.eval.batch_size, discriminator=trainer.unwrapped(trainer.D),
+                show_progress=recipe.log.progress)
+            records = run_metrics(metrics, context)
+            with (trainer.run_dir / "evaluations.jsonl").open("a") as fh:
+                for record in records:
+                    fh.write(json.dumps(record) + "\n")
+            scores = flat_scores(records)
+            trainer.log.write("eval", trainer.iteration, scores, tensorboard_prefix="eval")
+            line = ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
+            print(f"eval @ {trainer.iteration}: {line}", flush=True)
+            if best_key and best_key in scores:
+                metric_name = best_key.split(".", 1)[0]
+                record = next(r for r in records if r["metric"] == metric_name)
+                if recipe.eval.best_mode == "auto":
+                    primary = record.get("primary") == best_key.split(".", 1)[1]
+                    higher = bool(record.get("higher_is_better", True)) if primary else True
+                else:
+                    higher = recipe.eval.best_mode == "max"
+                if is_better(scores[best_key], trainer.best.get("value"), higher):
+                    decision[0] = {"key": best_key, "value": scores[best_key],
+                                   "iteration": trainer.iteration}
+        if acc.num_processes > 1:
+            decision = broadcast_object_list(decision)
+        if decision[0] is not None:
+            trainer.best = decision[0]
+            trainer.save_checkpoint(name="best", update_latest=False)
+        return None
+
+    return evaluate

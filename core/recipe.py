@@ -132,11 +132,15 @@ class LogSection:
 class EvalSection:
     #: evaluate every this many iterations (0 = only at the end; no metrics = never).
     every: int = 5_000
+    #: ``[[eval.metrics]]`` tables: each picks a metric by ``name``; its own keys (e.g.
+    #: ``num_samples``) go to that metric's Config.
     metrics: list[MetricSpec] = attrs.Factory(list)
-    #: samples per metric during training (each metric's own Config may say more).
-    num_samples: int = 10_000
+    #: generator batch size while sampling for metrics.
+    batch_size: int = 100
     #: the metric value "best" checkpoints are chosen by, as ``metric.key`` (e.g. "modes.modes").
     best: str = ""
+    #: whether a larger ``best`` value is better; "auto" follows the metric's own direction.
+    best_mode: Literal["auto", "max", "min"] = "auto"
 
 
 @attrs.define
@@ -153,7 +157,7 @@ class Recipe:
 
     dataset: DatasetSpec
     architecture: ArchitectureSpec
-    loss: LossSpec = attrs.Factory(lambda: LossSpec("hinge"))
+    loss: LossSpec = attrs.Factory(lambda: converter.structure({"name": "hinge"}, LossSpec))
     discriminator: NetworkSection = attrs.Factory(NetworkSection)
     generator: NetworkSection = attrs.Factory(NetworkSection)
     train: TrainSection = attrs.Factory(TrainSection)

@@ -100,11 +100,12 @@ class Trainer:
         opt_g = torch.optim.Adam(G.parameters(), lr=t.lr_g, betas=tuple(t.betas))
         opt_d = torch.optim.Adam(D.parameters(), lr=t.lr_d, betas=tuple(t.betas))
         self.G, self.D, self.opt_g, self.opt_d = self.acc.prepare(G, D, opt_g, opt_d)
-        # latents and fake labels come from their own generators (saved in checkpoints), so the
-        # same numbers are drawn whatever the micro-batching
-        rank_seed = recipe.seed * 7919 + self.acc.process_index
-        self.noise = torch.Generator().manual_seed(rank_seed)
-        self.label_rng = torch.Generator().manual_seed(rank_seed + 104_729)
+        # latents and fake labels come from their own generators (saved in checkpoints), seeded
+        # alike on every process: each draw is the block of all processes, of which this process
+        # takes its share, so the set of latents of a step does not depend on how the global
+        # batch is split over processes and micro-batches
+        self.noise = torch.Generator().manual_seed(recipe.seed * 7919 + 1)
+        self.label_rng = torch.Generator().manual_seed(recipe.seed * 7919 + 104_729)
         self.iteration = 0
         self.data_position = 0  # global batches consumed
         self.best: dict[str, Any] = {}
@@ -159,7 +160,8 @@ class Trainer:
     # -- data ------------------------------------------------------------------------------
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        dataset = self.dataset_plugin.build(Path(self.recipe.data_root), "train")
+        with self.acc.main_process_first():  # one process downloads, the others then read
+            dataset = self.dataset_plugin.build(Path(self.recipe.data_root), "train")
         sampler = GlobalBatchSampler(len(dataset), self.plan, self.acc.process_index,
                                      self.recipe.seed, start=self.data_position)
         loader = torch.utils.data.DataLoader(
@@ -181,12 +183,14 @@ class Trainer:
 
     def latents(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``n`` latents (and uniformly drawn labels for a conditional architecture)."""
-        arch = self.architecture
-        z = torch.randn(n, arch.z_dim, generator=self.noise).to(self.acc.device)
+        arch, processes = self.architecture, self.acc.num_processes
+        mine = slice(self.acc.process_index * n, (self.acc.process_index + 1) * n)
+        z = torch.randn(processes * n, arch.z_dim, generator=self.noise)[mine]
         y = None
         if arch.conditional:
-            y = torch.randint(0, arch.num_classes, (n,), generator=self.label_rng).to(self.acc.device)
-        return z, y
+            y = torch.randint(0, arch.num_classes, (processes * n,), generator=self.label_rng)[mine]
+            y = y.to(self.acc.device)
+        return z.to(self.acc.device), y
 
     # -- steps -----------------------------------------------------------------------------
 

@@ -1,6 +1,9 @@
 """Run by the DDP tests under ``torchrun``: train a recipe, then save this rank's full state.
 
     torchrun --nproc_per_node 2 tests/ddp_worker.py RECIPE OUT_DIR [KEY=VALUE ...]
+
+``architecture.name=test_no_batch_stats`` selects the BatchNorm-free test architecture of
+tests/test_training.py (registered here, as in that module's fixture).
 """
 
 from __future__ import annotations
@@ -17,6 +20,11 @@ from core.train import Trainer, make_accelerator
 
 def main() -> None:
     recipe_path, out = sys.argv[1], Path(sys.argv[2])
+    if "architecture.name=test_no_batch_stats" in sys.argv[3:]:
+        from core.plugins import Provider, get_registry
+        from test_training import _TestPlugin
+
+        get_registry().add(_TestPlugin, Provider(name="tests.test_training"))
     recipe = load_recipe(recipe_path, sys.argv[3:])
     accelerator = make_accelerator(recipe)
     trainer = Trainer(recipe, out / "run", accelerator)

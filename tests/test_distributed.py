@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO
+from test_training import no_batch_stats_arch  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.slow
 
@@ -70,3 +71,25 @@ def test_accelerate_launch_multi_gpu_on_cpu_runs_two_processes_and_exits_0(tmp_p
         state = (run_dir / "checkpoints" / "iter_0000002" / "state.json").read_text()
         assert '"processes": 2' in state
         assert (run_dir / "checkpoints" / "iter_0000002" / "rng_rank1.safetensors").is_file()
+
+
+def test_ddp_with_accumulation_equals_one_big_batch_in_one_process(tmp_path, no_batch_stats_arch):
+    """2 processes x 2 micro-batches of 4 == 1 process with the global batch of 16 at once."""
+    from core.recipe import load_recipe
+    from core.train import Trainer, make_accelerator
+    from test_training import state_of
+
+    overrides = [*SMALL, "train.iterations=3", f"architecture.name={no_batch_stats_arch}",
+                 "train.batch_size=16", "discriminator.regularizer.name=sr_static",
+                 "discriminator.regularizer.every=1"]
+    recipe = load_recipe(REPO / "zoo" / "quickstart.toml", overrides)
+    single = Trainer(recipe, tmp_path / "single", make_accelerator(recipe))
+    single.fit()
+    reference = state_of(single)
+    result = torchrun(["tests/ddp_worker.py", "zoo/quickstart.toml", str(tmp_path),
+                       *overrides, "train.micro_batch_size=4"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for rank in (0, 1):
+        state = load_file(str(tmp_path / f"rank{rank}.safetensors"))
+        for name, value in reference.items():
+            torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-6, msg=name)
