@@ -1,0 +1,84 @@
+"""``is``: Inception Score (Salimans et al. 2016) from the same network and path as ``fid``.
+
+``IS = exp(E_x KL(p(y|x) || p(y)))``, computed in float64 on each of ``splits`` consecutive
+slices of the samples (50k samples, 10 splits by default, as the original code); the score is
+the mean over slices and ``is_std`` their standard deviation. ``p(y|x)`` is the softmax of the
+TorchScript Inception's logits without the output bias (:mod:`plugins.metrics.inception`), so
+FID and IS come from one network and one preprocessing path.
+
+Recipe::
+
+    [[eval.metrics]]
+    name = "is"
+    num_samples = 50000
+    splits = 10
+"""
+
+from __future__ import annotations
+
+import attrs
+import numpy as np
+from scipy.special import log_softmax
+
+from core.errors import SpecregError
+from core.hookspecs import hookimpl
+from core.interfaces import EvaluationContext, Metric, MetricResult
+from plugins.metrics.inception import (InceptionSettings, check_mode, generated_features,
+                                       inception_extractor)
+
+__all__ = ["InceptionScore", "inception_score"]
+
+
+def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
+    """``(mean, std)`` over ``splits`` consecutive slices of ``exp(mean KL(p(y|x) || p(y)))``,
+    slice ``i`` being rows ``[i*n//splits, (i+1)*n//splits)`` as in the original code."""
+    log_p = log_softmax(np.asarray(logits, dtype=np.float64), axis=1)
+    n = len(log_p)
+    if not 1 <= splits <= n:
+        raise ValueError(f"need 1 <= splits <= samples, got {splits} splits of {n} samples")
+    scores = []
+    for i in range(splits):
+        part = log_p[i * n // splits:(i + 1) * n // splits]
+        p = np.exp(part)
+        log_marginal = np.log(p.mean(axis=0))
+        kl = np.sum(p * (part - log_marginal), axis=1).mean()
+        scores.append(np.exp(kl))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+class InceptionScore(Metric):
+    """Inception Score of generated samples (higher is better)."""
+
+    name = "is"
+    higher_is_better = True
+    primary = "is"
+
+    @attrs.define
+    class Config(InceptionSettings):
+        #: generated samples (SPEC §5: 50k).
+        num_samples: int = 50_000
+        #: slices the score is averaged over (SPEC §5: 10).
+        splits: int = 10
+
+    def __init__(self, config=None) -> None:
+        super().__init__(config)
+        check_mode(self.config.mode)
+        if not 1 <= self.config.splits <= self.config.num_samples:
+            raise SpecregError(f"is needs 1 <= splits <= num_samples, got splits = "
+                               f"{self.config.splits}, num_samples = {self.config.num_samples}")
+
+    def compute(self, context: EvaluationContext) -> MetricResult:
+        cfg = self.config
+        extractor = inception_extractor(cfg, context.data_root, context.device)
+        features = generated_features(context, extractor, cfg.num_samples, "is")
+        mean, std = inception_score(extractor.logits(features), cfg.splits)
+        protocol = {"samples": len(features), "splits": cfg.splits,
+                    "resolution": context.dataset.resolution,
+                    "logits": "pool features @ output.weight.T (no output bias)",
+                    **extractor.protocol()}
+        return MetricResult({"is": mean, "is_std": std}, protocol)
+
+
+@hookimpl
+def register_metrics(register) -> None:
+    register("is", InceptionScore)
