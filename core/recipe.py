@@ -301,13 +301,22 @@ def _leaves(data: dict, prefix: tuple[str, ...] = ()):
 
 def _assign(table: dict, origins: Origins, key_path: tuple[str, ...], value: Any, origin: str) -> None:
     """Set ``table[key_path] = value``; a changed plugin ``name`` drops the table's other keys."""
-    node = table
+    node: Any = table
     for i, key in enumerate(key_path[:-1]):
+        if isinstance(node, list):  # an array of tables: eval.metrics.0.num_samples
+            if not (key.isdigit() and int(key) < len(node)):
+                raise RecipeError([f"{origin}: no element {key} in "
+                                   f"{'.'.join(key_path[:i])} (it has {len(node)})"])
+            node = node[int(key)]
+            continue
         child = node.get(key)
-        if not isinstance(child, dict):
+        if not isinstance(child, (dict, list)):
             child = node[key] = {}
         node = child
     leaf = key_path[-1]
+    if isinstance(node, list):
+        raise RecipeError([f"{origin}: cannot set {'.'.join(key_path)}: "
+                           f"{'.'.join(key_path[:-1])} is an array"])
     if leaf == "name" and node.get("name") not in (None, value):
         for k in [k for k in node if k != "name"]:
             del node[k]
