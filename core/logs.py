@@ -23,6 +23,8 @@ class RunLog:
         self.enabled = enabled
         self.path = self.run_dir / "metrics.jsonl"
         self._tb = None
+        if enabled:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

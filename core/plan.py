@@ -30,6 +30,15 @@ def describe_regularized(model: nn.Module) -> str:
     return f"{len(layers)} layers (" + ", ".join(f"{n} {k}" for k, n in by_type.items()) + ")"
 
 
+def _settings(config) -> str:
+    """`` (fraction=0.5, every=5)`` for a Config with fields, empty otherwise."""
+    import attrs
+
+    if not attrs.has(type(config)) or not attrs.fields(type(config)):
+        return ""
+    return " (" + ", ".join(f"{k}={v!r}" for k, v in attrs.asdict(config).items()) + ")"
+
+
 def dry_run(recipe, recipe_path: str, processes: int | None = None) -> str:
     """Build everything, run one forward/backward at batch 2, and return the plan as text."""
     from core.train import build_models
@@ -58,8 +67,9 @@ def dry_run(recipe, recipe_path: str, processes: int | None = None) -> str:
     loss_g = loss_fn.generator_loss(D(G(z, y), y))
     loss_g.backward()
     reg_d = f"{recipe.discriminator.regularizer.name} on {describe_regularized(D)}" \
-        if d_reg else "none"
-    reg_g = f"{recipe.generator.regularizer.name} on {describe_regularized(G)}" if g_reg else "none"
+        f"{_settings(d_reg.config)}" if d_reg else "none"
+    reg_g = f"{recipe.generator.regularizer.name} on {describe_regularized(G)}" \
+        f"{_settings(g_reg.config)}" if g_reg else "none"
     metrics = ", ".join(m.name for m in recipe.eval.metrics) or "none"
     lines = [
         f"recipe        {recipe_path}",

@@ -150,12 +150,13 @@ def train(args: argparse.Namespace) -> int:
     run_dir = Path(broadcast_object_list([str(run_dir)])[0]) if accelerator.num_processes > 1 \
         else run_dir
     checkpoint = ckpt.resolve_checkpoint(run_dir) if resume_dir is not None else None
+    from core.evaluation_loop import make_evaluator
+
+    evaluator = make_evaluator(recipe)
+    trainer = Trainer(recipe, run_dir, accelerator, callbacks=[])
     if accelerator.is_main_process:
         write_run_files(run_dir, recipe, get_registry())
     accelerator.wait_for_everyone()
-    from core.evaluation_loop import make_evaluator
-
-    trainer = Trainer(recipe, run_dir, accelerator, callbacks=[])
     if checkpoint is not None:
         notes = trainer.resume(checkpoint)
         if accelerator.is_main_process:
@@ -165,7 +166,7 @@ def train(args: argparse.Namespace) -> int:
     elif accelerator.is_main_process:
         print(f"run folder: {run_dir}")
         print(f"batch: {trainer.plan.describe()}")
-    trainer.fit(evaluate=make_evaluator(recipe))
+    trainer.fit(evaluate=evaluator)
     if accelerator.is_main_process:
         print(f"done: {trainer.iteration} iterations; run folder {run_dir} "
               f"(last checkpoint {trainer.last_checkpoint.name if trainer.last_checkpoint else '-'})")

@@ -97,6 +97,9 @@ class Trainer:
         (self.architecture, G, D, self.d_reg, self.g_reg) = build_models(recipe)
         self.loss: Loss = recipe.loss.create()
         self.dataset_plugin = recipe.dataset.create()
+        # the data is checked before anything is written (a missing dataset: exit 2, no run folder)
+        with self.acc.main_process_first():  # one process downloads, the others then read
+            self.dataset = self.dataset_plugin.build(Path(recipe.data_root), "train")
         opt_g = torch.optim.Adam(G.parameters(), lr=t.lr_g, betas=tuple(t.betas))
         opt_d = torch.optim.Adam(D.parameters(), lr=t.lr_d, betas=tuple(t.betas))
         self.G, self.D, self.opt_g, self.opt_d = self.acc.prepare(G, D, opt_g, opt_d)
@@ -160,8 +163,7 @@ class Trainer:
     # -- data ------------------------------------------------------------------------------
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        with self.acc.main_process_first():  # one process downloads, the others then read
-            dataset = self.dataset_plugin.build(Path(self.recipe.data_root), "train")
+        dataset = self.dataset
         sampler = GlobalBatchSampler(len(dataset), self.plan, self.acc.process_index,
                                      self.recipe.seed, start=self.data_position)
         loader = torch.utils.data.DataLoader(

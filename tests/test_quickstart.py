@@ -74,3 +74,14 @@ def test_missing_dataset_exits_2_with_where_to_put_it(tmp_path):
                       "--set", f"data_root={tmp_path / 'data'}"])
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and "cifar10" in result.stderr
+
+
+def test_imagenet_recipe_without_imagenet_exits_2_naming_folder_layout_and_prepare(tmp_path):
+    result = run_cli(["zoo/imagenet_E2048-64.toml", "--run-dir", str(tmp_path / "run"),
+                      "--set", "architecture.ch=4", "--set", "architecture.g_ch=4",
+                      "--set", f"data_root={tmp_path / 'data'}"])
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert str(tmp_path / "data" / "imagenet" / "train") in result.stderr
+    assert "n01440764" in result.stderr and "python -m core.prepare imagenet" in result.stderr
+    assert not (tmp_path / "run").exists()  # nothing written for a run that cannot start
