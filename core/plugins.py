@@ -26,13 +26,14 @@ import attrs
 import pluggy
 
 from core import hookspecs
+from core.errors import SpecregError
 from core.interfaces import PLUGIN_KINDS, Plugin
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT
 STRICT_ENV = "SPECREG_STRICT_PLUGINS"
 
 
-class PluginError(Exception):
+class PluginError(SpecregError):
     """A plugin could not be loaded or registered, or a name is not registered."""
 
 

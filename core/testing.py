@@ -35,15 +35,19 @@ members each one exercises, and specreg's own meta-test fails if a member or a h
   gradients for every parameter; deterministic under a seed; ``state_dict`` round trip.
 - losses: sign conventions, gradient signs, means over the batch (so micro-batches add up).
 - metrics: a finite score under ``primary``, a JSON-ready protocol record, deterministic in the
-  context's seed (run on a tiny generator and the stacked-digits data).
+  context's seed whatever the global random state (run on a tiny generator and the stacked
+  digits; each metric is evaluated twice in all).
 - datasets: missing files raise :class:`core.errors.DataMissingError` naming where it looked;
   items are ``float32 [3, R, R]`` in [-1, 1] with integer labels in range, batches collate, and
   item ``i`` is the same every time (needs the files: a ``Case.prepare``, else skipped).
 
 Checks build small things (widths of 8, 64 images, a few steps) and take about a second each;
 the multi-process one is marked ``slow``. A regularizer check that trains runs the real
-:class:`core.train.Trainer`; a plugin that is not registered yet is registered for the duration
-of the check (:func:`registered`).
+:class:`core.train.Trainer` (with the built-in ``resnet32``, ``stacked_digits`` and ``hinge``);
+a plugin that is not registered yet is registered for the duration of the check
+(:func:`registered`). :func:`small_config` shrinks the usual size fields of a Config
+(``Case(MyArch(small_config(MyArch)))``); :func:`write_prepared_sample` writes random images as
+the prepared array of a dataset built on :class:`plugins.datasets.base.ImageDataset`.
 """
 
 from __future__ import annotations
@@ -70,16 +74,16 @@ from torch.nn.utils import parametrize
 
 from core.errors import DataMissingError, SpecregError
 from core.hookspecs import hookimpl
-from core.interfaces import (PLUGIN_KINDS, Architecture, Dataset, EvaluationContext, Metric,
+from core.interfaces import (PLUGIN_KINDS, Architecture, Dataset, EvaluationContext,
                              MetricResult, Plugin, Regularizer)
 from core.regularizer import LAYER_TYPES, frozen_state, raw_weight, weight_layers
 
 __all__ = ["Case", "Check", "CHECKS", "COMMON_CHECKS", "ConformanceError", "check_plugin",
            "checks_for", "covered_members", "interface_members", "kind_of",
-           "parametrize_with_checks", "registered", "small_architecture", "small_discriminator",
-           "write_prepared_sample", "SMALL_VALUES"]
+           "parametrize_with_checks", "registered", "small_architecture", "small_config",
+           "small_discriminator", "write_prepared_sample", "SMALL_VALUES"]
 
-#: Config fields the kit's helpers shrink for speed when a test asks for a small instance.
+#: Config fields :func:`small_config` sets, where a plugin's Config has them, to keep checks fast.
 SMALL_VALUES: dict[str, Any] = {"ch": 8, "g_ch": 8, "num_samples": 64, "reference_samples": 64}
 #: the seed every check starts from.
 SEED = 1234
@@ -111,16 +115,24 @@ def kind_of(cls: type) -> str:
 class Case:
     """One plugin to check: its class, the Config to check it with, and how to make its files.
 
-    ``prepare(root)`` is called once (per process) with an empty data root before the checks that
+    ``prepare(root)`` is called once (per process) with the data root before the checks that
     need files: a dataset writes a small sample of its files below ``root``; a metric puts its
-    network weights where it looks for them under ``root``.
+    network weights where it looks for them under ``root``. The root is a fresh temporary folder
+    unless ``root`` names one (cases may share a root, and with it caches such as a metric's
+    trained classifier).
     """
 
     cls: type[Plugin]
     config: Any = None
     prepare: Callable[[Path], None] | None = None
     id: str = ""
-    _root: Any = attrs.field(default=None, init=False, repr=False, eq=False)
+    root: Path | None = None
+    #: run every check of this case as ``slow`` (e.g. a metric that takes tens of seconds).
+    slow: bool = False
+    _root: Path | None = attrs.field(default=None, init=False, repr=False, eq=False)
+    _tmp: Any = attrs.field(default=None, init=False, repr=False, eq=False)
+    #: (evaluation record, MetricResult) pairs computed so far (metrics are evaluated twice).
+    _evaluations: list = attrs.field(factory=list, init=False, repr=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
         if isinstance(self.cls, Plugin):  # a configured instance
@@ -142,10 +154,16 @@ class Case:
     def data_root(self) -> Path:
         """A data root prepared by ``prepare`` (made once, kept for the life of the process)."""
         if self._root is None:
-            self._root = tempfile.TemporaryDirectory(prefix="specreg-conformance-")
+            if self.root is not None:
+                root = Path(self.root)
+                root.mkdir(parents=True, exist_ok=True)
+            else:
+                self._tmp = tempfile.TemporaryDirectory(prefix="specreg-conformance-")
+                root = Path(self._tmp.name)
             if self.prepare is not None:
-                self.prepare(Path(self._root.name))
-        return Path(self._root.name)
+                self.prepare(root)
+            self._root = root
+        return self._root
 
     def __str__(self) -> str:
         return self.id
@@ -176,10 +194,6 @@ class Check:
     @property
     def name(self) -> str:
         return self.function.__name__
-
-    @property
-    def __name__(self) -> str:  # noqa: A003 - reads like a function in reports
-        return self.name
 
     def __call__(self, plugin: Any) -> None:
         case = as_case(plugin)
@@ -227,8 +241,8 @@ def parametrize_with_checks(plugins: Iterable[Any], include_slow: bool = True):
     """A ``pytest.mark.parametrize("plugin, check", ...)`` over every check of every plugin.
 
     Test ids read ``regularizers/orthogonal-check_regularizer_state_dict_round_trip``; the
-    multi-process checks carry ``pytest.mark.slow`` (register the marker in your pytest config,
-    or deselect them with ``-m "not slow"``).
+    multi-process checks (and every check of a ``Case(slow=True)``) carry ``pytest.mark.slow``
+    (register the marker in your pytest config, or deselect them with ``-m "not slow"``).
     """
     import pytest
 
@@ -236,7 +250,7 @@ def parametrize_with_checks(plugins: Iterable[Any], include_slow: bool = True):
     for plugin in plugins:
         case = as_case(plugin)
         for check in checks_for(case, include_slow):
-            marks = [pytest.mark.slow] if check.slow else []
+            marks = [pytest.mark.slow] if check.slow or case.slow else []
             params.append(pytest.param(case, check, marks=marks, id=f"{case.id}-{check.name}"))
     return pytest.mark.parametrize(("plugin", "check"), params)
 
@@ -329,6 +343,12 @@ def registered(cls: type[Plugin]) -> Iterator[str]:
         else:
             with contextlib.suppress(AttributeError):
                 delattr(cls, "name")
+
+
+def small_config(cls: type[Plugin], **values: Any) -> Any:
+    """``cls.Config`` with the :data:`SMALL_VALUES` fields it has, then ``values``, set."""
+    fields = {f.name for f in attrs.fields(cls.Config)}
+    return cls.Config(**{**{k: v for k, v in SMALL_VALUES.items() if k in fields}, **values})
 
 
 def small_architecture(num_classes: int = 0) -> Architecture:
@@ -505,7 +525,7 @@ def check_documented(case: Case) -> None:
 @_check("regularizers", covers=("apply", "loss_term", "after_step"))
 def check_regularizer_applies_to_every_layer_type(case: Case) -> None:
     """``apply`` returns the module with its layers, and every Conv2d, Linear and Embedding is
-    regularized: parametrized, reached by the loss term's gradient, or changed by ``after_step``."""
+    regularized: parametrized, in the loss term's autograd graph, or changed by ``after_step``."""
     torch.manual_seed(SEED)
     module = small_discriminator(num_classes=4)
     before = [name for name, _ in weight_layers(module)]
@@ -522,7 +542,7 @@ def check_regularizer_applies_to_every_layer_type(case: Case) -> None:
     rest = [n for n in layers if n not in touched]
     if term is not None and rest:
         grads = torch.autograd.grad(term, [raw_weight(layers[n]) for n in rest], allow_unused=True)
-        touched |= {n for n, g in zip(rest, grads) if g is not None and bool(g.abs().sum() > 0)}
+        touched |= {n for n, g in zip(rest, grads) if g is not None}
     rest = [n for n in layers if n not in touched]
     if rest:
         old = {n: raw_weight(layers[n]).detach().clone() for n in rest}
@@ -680,6 +700,7 @@ def check_regularizer_checkpoint_resume(case: Case) -> None:
         first = _trainer(recipe, Path(tmp) / "resumed", [Interrupt()])
         with contextlib.suppress(_Stop):
             first.fit()
+        first.log.close()  # fit closes its log only when it ends normally
         second = _trainer(recipe, Path(tmp) / "resumed")
         second.resume(ckpt.resolve_checkpoint(Path(tmp) / "resumed"))
         second.fit()
@@ -724,17 +745,20 @@ def check_regularizer_eval_mode_changes_no_state(case: Case) -> None:
 
 @_check("regularizers", covers=("apply", "after_step", "loss_term"))
 def check_regularizer_acts_once_per_optimizer_step(case: Case) -> None:
-    """Two optimizer steps of 2 micro-batches of 4 equal two steps of one batch of 8 (state
-    updated by the first micro-batch only, the loss term counted once, ``after_step`` once per
-    step); in the real Trainer ``after_step`` runs once per optimizer step, not per micro-batch."""
+    """Two optimizer steps of 2 micro-batches of 4 equal two steps of one batch of 8 (in float64,
+    so that rounding neither hides nor fakes a difference): state updated by the first
+    micro-batch only, the loss term counted once, ``after_step`` once per step. In the real
+    Trainer, ``after_step`` runs once per optimizer step and ``loss_term`` once per micro-batch."""
     results = []
     for k in (1, 2):
         reg, D = _regularized(case)
+        D = D.double()
         opt = torch.optim.SGD(D.parameters(), lr=0.05)
         rng = torch.Generator().manual_seed(SEED)
         grads = {}
         for it in range(2):
             x, y = _images(8, rng)  # objective: first half "real", second half "fake"
+            x = x.double()
             if k == 1:
                 batches = [(x, y)]
             else:  # micro-batch i: real images 2i, 2i+1 and fake images 4+2i, 5+2i
@@ -746,11 +770,11 @@ def check_regularizer_acts_once_per_optimizer_step(case: Case) -> None:
                 grads = {n: p.grad.detach().clone() for n, p in D.named_parameters()
                          if p.grad is not None}
         results.append((grads, _state(D)))
-    diff = _differences(results[0][0], results[1][0], exact=False)
+    diff = _differences(results[0][0], results[1][0], exact=False, rtol=1e-7, atol=1e-9)
     if diff:
         _fail(case, f"gradients of one step differ between 1 batch of 8 and 2 micro-batches of "
                     f"4: {diff[:5]}")
-    diff = _differences(results[0][1], results[1][1], exact=False)
+    diff = _differences(results[0][1], results[1][1], exact=False, rtol=1e-7, atol=1e-9)
     if diff:
         _fail(case, f"state after 2 steps differs between 1 batch of 8 and 2 micro-batches of 4 "
                     f"(state updated per forward, or the loss term not per step?): {diff[:5]}")
@@ -774,7 +798,10 @@ def check_regularizer_acts_once_per_optimizer_step(case: Case) -> None:
 
         reg.after_step = counting(reg.after_step)
         reg.loss_term = counting(reg.loss_term)
-        trainer.train_iteration()
+        try:
+            trainer.train_iteration()
+        finally:
+            trainer.log.close()
         if calls != {"after_step": 2, "loss_term": 4}:
             _fail(case, f"in one iteration of 2 D steps x 2 micro-batches the Trainer called "
                         f"after_step {calls['after_step']} times (expected 2, once per optimizer "
@@ -817,7 +844,7 @@ def _ddp_child(rank: int, world: int, port: int, case: Case, out: str) -> None:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world)
         reg, D = _regularized(case, seed=SEED)  # identical initialization on every rank
-        ddp = DistributedDataParallel(D, broadcast_buffers=True)
+        ddp = DistributedDataParallel(D)  # buffers synced from rank 0 at every forward
         opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
         rng = torch.Generator().manual_seed(1000 + rank)  # each rank its own data
         torch.manual_seed(SEED + rank)  # and its own global random stream, as under torchrun
@@ -965,8 +992,8 @@ class _Scale(nn.Module):
 def check_architecture_layers_reported(case: Case) -> None:
     """D (and G) expose their weight layers as Conv2d/Linear/Embedding modules with unique names
     (what regularizers, the dry-run plan and the spectral monitor count), and the forward pass
-    reads the weights through ``torch.nn.utils.parametrize`` (identity: same output; scaled:
-    another output)."""
+    reads each weight through ``torch.nn.utils.parametrize`` (identity on all: same output;
+    one layer's weight halved: another output)."""
     from core.plan import describe_regularized
 
     arch, G, D = _built(case)
@@ -986,15 +1013,18 @@ def check_architecture_layers_reported(case: Case) -> None:
         if layers and not report.startswith(f"{len(layers)} layers"):
             _fail(case, f"{label}: {len(layers)} weight layers, but the plan reports '{report}'")
         with torch.no_grad():
-            same = net(*inputs)
-            for _, layer in layers:
+            if not torch.allclose(net(*inputs), reference, rtol=1e-5, atol=1e-6):
+                _fail(case, f"{label}: an identity parametrization of every weight changed the "
+                            f"output")
+            ignored = []
+            for name, layer in layers:
                 layer.parametrizations.weight[0].factor = 0.5
-            scaled = net(*inputs)
-        if not torch.allclose(same, reference, rtol=1e-5, atol=1e-6):
-            _fail(case, f"{label}: an identity parametrization of every weight changed the output")
-        if layers and torch.equal(scaled, reference):
-            _fail(case, f"{label}: halving every parametrized weight did not change the output: "
-                        f"the forward pass does not read its weights through the layers")
+                if torch.equal(net(*inputs), reference):
+                    ignored.append(name)
+                layer.parametrizations.weight[0].factor = 1.0
+        if ignored:
+            _fail(case, f"{label}: halving the parametrized weight of {', '.join(ignored)} did not "
+                        f"change the output: the forward pass does not read it through the layer")
 
 
 @_check("architectures", covers=("build_generator", "build_discriminator", "sample_latents"))
@@ -1111,33 +1141,41 @@ def _metric_context(root: Path, seed: int = 0) -> EvaluationContext:
                              batch_size=32, discriminator=D, show_progress=False)
 
 
-def _evaluate(case: Case, metric: Metric, context: EvaluationContext) -> dict[str, Any]:
+def _evaluations(case: Case, count: int) -> list[tuple[dict[str, Any], Any]]:
+    """``count`` evaluations of fresh instances on the same context (seed), each as (record of
+    :func:`core.evaluation.evaluate`, the MetricResult ``compute`` returned); kept on the case,
+    so that the metric checks together evaluate a metric twice."""
     from core.evaluation import evaluate
 
-    try:
-        (record,) = evaluate([metric], context)
-    except SpecregError as exc:
-        _fail(case, f"compute failed with a user-facing error (does the case need a "
-                    f"Case(prepare=...) that provides files under the data root?): {exc}")
-    return record
+    while len(case._evaluations) < count:
+        metric = case.create()
+        results = []
+        compute = metric.compute
+
+        def capture(context, compute=compute, results=results):
+            results.append(compute(context))
+            return results[-1]
+
+        metric.compute = capture
+        context = _metric_context(case.data_root())
+        # another global random state each time: a score may depend on context.seed only
+        torch.manual_seed(SEED + 1000 * (1 + len(case._evaluations)))
+        try:
+            (record,) = evaluate([metric], context)
+        except SpecregError as exc:
+            _fail(case, f"compute failed with a user-facing error (does the case need a "
+                        f"Case(prepare=...) that provides files under the data root?): {exc}")
+        case._evaluations.append((record, results[0]))
+    return case._evaluations[:count]
 
 
 @_check("metrics", covers=("compute", "primary", "higher_is_better"))
 def check_metric_protocol_record(case: Case) -> None:
-    """On a tiny generator and the stacked digits: finite float values, ``primary`` among them,
-    ``higher_is_better`` a bool, and a non-empty protocol that the evaluation record (JSON)
-    carries."""
+    """On a tiny generator and the stacked digits: float values (NaN for an undefined score, never
+    infinite), a finite one under ``primary``, ``higher_is_better`` a bool, and a non-empty
+    protocol that the evaluation record (JSON) carries."""
     metric = case.create()
-    results = []
-    compute = metric.compute
-
-    def capture(context):
-        results.append(compute(context))
-        return results[-1]
-
-    metric.compute = capture
-    record = _evaluate(case, metric, _metric_context(case.data_root()))
-    (direct,) = results
+    ((record, direct),) = _evaluations(case, 1)
     if not isinstance(direct, MetricResult) or not isinstance(direct.values, dict) \
             or not direct.values:
         _fail(case, f"compute must return a MetricResult with values, got {direct!r:.100}")
@@ -1145,27 +1183,33 @@ def check_metric_protocol_record(case: Case) -> None:
         _fail(case, "the MetricResult's protocol is empty: record what produced the numbers "
                     "(samples, reference data, network and its hash, ...)")
     values = record["values"]
-    bad = {k: v for k, v in values.items() if not (isinstance(k, str) and math.isfinite(v))}
+    bad = {k: v for k, v in values.items() if not isinstance(k, str) or math.isinf(v)}
     if bad:
-        _fail(case, f"non-finite values or non-string keys: {bad}")
-    if not type(metric).primary or type(metric).primary not in values:
-        _fail(case, f"primary = {type(metric).primary!r} is not one of the values "
-                    f"{sorted(values)}")
+        _fail(case, f"infinite values or non-string keys: {bad}")
+    primary = type(metric).primary
+    if not primary or primary not in values:
+        _fail(case, f"primary = {primary!r} is not one of the values {sorted(values)}")
+    if not math.isfinite(values[primary]):
+        _fail(case, f"the primary score {primary} = {values[primary]} is not finite")
     if not isinstance(type(metric).higher_is_better, bool):
         _fail(case, "higher_is_better must be a bool")
     try:
-        json.dumps(record, allow_nan=False)
+        json.dumps(record)
     except (TypeError, ValueError) as exc:
         _fail(case, f"the evaluation record is not JSON-ready: {exc}")
 
 
 @_check("metrics", covers=("compute",))
 def check_metric_deterministic(case: Case) -> None:
-    """The same context (seed) gives the same values twice."""
-    first = _evaluate(case, case.create(), _metric_context(case.data_root()))["values"]
-    second = _evaluate(case, case.create(), _metric_context(case.data_root()))["values"]
-    if first.keys() != second.keys() or any(
-            not math.isclose(first[k], second[k], rel_tol=1e-6, abs_tol=1e-9) for k in first):
+    """The same context seed gives the same values twice, whatever the global random state (a
+    metric draws its randomness from ``context.seed``)."""
+    (first, _), (second, _) = _evaluations(case, 2)
+    first, second = first["values"], second["values"]
+
+    def same(a: float, b: float) -> bool:
+        return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+
+    if first.keys() != second.keys() or not all(same(first[k], second[k]) for k in first):
         _fail(case, f"two evaluations with the same seed differ: {first} vs {second}")
 
 

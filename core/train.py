@@ -72,13 +72,11 @@ def build_models(recipe: Recipe) -> tuple[Architecture, nn.Module, nn.Module,
 
 def make_accelerator(recipe: Recipe):
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
 
-    return Accelerator(
-        cpu=recipe.train.cpu or not torch.cuda.is_available(),
-        mixed_precision=recipe.train.mixed_precision,
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=True)],
-    )
+    # DDP's defaults broadcast buffers (power-iteration vectors, BatchNorm statistics) from
+    # process 0 at every forward pass
+    return Accelerator(cpu=recipe.train.cpu or not torch.cuda.is_available(),
+                       mixed_precision=recipe.train.mixed_precision)
 
 
 class Trainer:
