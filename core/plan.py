@@ -89,6 +89,9 @@ def dry_run(recipe, recipe_path: str, processes: int | None = None) -> str:
         f"checkpoints   every {recipe.checkpoint.every} iterations, keep {recipe.checkpoint.keep}",
         f"evaluation    every {recipe.eval.every} iterations: {metrics}"
         + (f"; best by {recipe.eval.best}" if recipe.eval.best else ""),
+        f"spectral      " + (f"record D's singular values every {recipe.spectral.every} "
+                             f"iterations; on collapse: {recipe.spectral.action}"
+                             if recipe.spectral.every else "off"),
         f"dry run       one forward/backward at batch 2: loss_d {loss_d.item():.4f}, "
         f"loss_g {loss_g.item():.4f} - OK",
     ]

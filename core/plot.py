@@ -33,7 +33,7 @@ import numpy as np
 
 from core.errors import SpecregError
 from core.spectral.history import RunHistory
-from core.spectral.measure import LayerInfo
+from core.spectral.summary import LayerInfo
 
 __all__ = ["main", "plot_run", "plot_comparison", "choose_records"]
 
@@ -110,7 +110,8 @@ def plot_layer_over_training(history: RunHistory, info: LayerInfo, path: Path, c
         ax.plot(np.arange(info.rank), _positive(ratios[i], log), color=color, linewidth=1.4,
                 label=f"iteration {history.iterations[i]:,}")
     _distribution_axes(ax, info, log, f"{history.name}: {_describe(info)}")
-    ax.legend(fontsize=7, ncol=2 if len(chosen) > 6 else 1, loc="lower left" if log else "upper right")
+    ax.legend(fontsize=7, ncol=2 if len(chosen) > 6 else 1,
+              loc="lower left" if log else "upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -122,9 +123,10 @@ def plot_layers_at(history: RunHistory, iteration: int | None, path: Path, log: 
     plt = _pyplot()
     index = history.index_at(iteration)
     at = int(history.iterations[index])
-    rows, cols = _grid(len(history.layers))
+    layers = [info for info in history.layers if info.rank > 1]  # one value: nothing to see
+    rows, cols = _grid(len(layers))
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False)
-    for ax, info in zip(axes.flat, history.layers):
+    for ax, info in zip(axes.flat, layers):
         ratios = history.normalized(info.key)
         x = np.arange(info.rank)
         if index != 0:
@@ -135,7 +137,7 @@ def plot_layers_at(history: RunHistory, iteration: int | None, path: Path, log: 
         _distribution_axes(ax, info, log)
         ax.xaxis.label.set_size(8)
         ax.yaxis.label.set_size(8)
-    for ax in list(axes.flat)[len(history.layers):]:
+    for ax in list(axes.flat)[len(layers):]:
         ax.set_visible(False)
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(f"{history.name}: spectral distributions of every layer at iteration {at:,}")
@@ -165,16 +167,15 @@ def plot_mass_and_quality(history: RunHistory, path: Path) -> Path:
     ax.set_ylim(0, 1.02)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    ax.set_title(f"{history.name}: spectral mass and sample quality over training")
+    ax.set_title(f"{history.name}: spectral mass and sample quality over training" if keys else
+                 f"{history.name}: spectral mass over training\n(no quality metrics: no 'eval' "
+                 f"events in metrics.jsonl)", fontsize=11)
     for ax, key in zip(axes[1:], keys):
         iterations, values = history.quality[key]
         ax.plot(iterations, values, marker="o", color="C3")
         _mark_events(ax, history, label=False)
         ax.set_ylabel(key)
         ax.grid(True, alpha=0.3)
-    if not keys:
-        axes[0].text(0.01, 0.02, "no quality metrics (no 'eval' events in metrics.jsonl)",
-                     transform=axes[0].transAxes, fontsize=8, color="0.4")
     axes[-1].set_xlabel("iteration")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -24,6 +24,7 @@ from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, Iterabl
 
 from core.errors import SpecregError
 from core.plugins import UnknownPluginError, get_registry
+from core.spectral import SpectralSection
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -165,6 +166,8 @@ class Recipe:
     log: LogSection = attrs.Factory(LogSection)
     eval: EvalSection = attrs.Factory(EvalSection)
     run: RunSection = attrs.Factory(RunSection)
+    #: the spectral monitor (recording, summaries, collapse alarm): core/spectral/.
+    spectral: SpectralSection = attrs.Factory(SpectralSection)
     seed: int = 0
     #: the data root: downloaded and prepared datasets live below it.
     data_root: str = "datasets"

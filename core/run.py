@@ -153,7 +153,10 @@ def train(args: argparse.Namespace) -> int:
     from core.evaluation_loop import make_evaluator
 
     evaluator = make_evaluator(recipe)
-    trainer = Trainer(recipe, run_dir, accelerator, callbacks=[])
+    from core.spectral import make_spectral_callbacks
+
+    trainer = Trainer(recipe, run_dir, accelerator,
+                      callbacks=make_spectral_callbacks(recipe, run_dir))
     if accelerator.is_main_process:
         write_run_files(run_dir, recipe, get_registry())
     accelerator.wait_for_everyone()

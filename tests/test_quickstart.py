@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 FAST = ["--set", "train.iterations=4", "--set", "eval.every=2", "--set", "log.sample_every=2",
         "--set", "checkpoint.every=2", "--set", "log.every=1", "--set", "dataset.num_samples=2000",
         "--set", "eval.metrics.0.num_samples=200", "--set", "eval.metrics.1.num_samples=200",
-        "--set", "eval.metrics.1.reference_samples=500"]
+        "--set", "eval.metrics.1.reference_samples=500", "--set", "spectral.every=2"]
 
 
 def test_dry_run_prints_the_plan():
@@ -43,6 +43,15 @@ def test_quickstart_run_folder_resume_and_evaluate(tmp_path):
     assert (run_dir / "checkpoints" / "best" / "state.json").is_file()
     protocols = [json.loads(line) for line in (run_dir / "evaluations.jsonl").read_text().splitlines()]
     assert {p["metric"] for p in protocols} == {"modes", "digits_fid"}
+
+    import numpy as np
+    spectra = np.load(run_dir / "spectra.npy")
+    assert len(spectra) == 3  # iterations 0, 2, 4
+    plots = subprocess.run([sys.executable, "-m", "core.plot", str(run_dir), "--out",
+                            str(tmp_path / "plots")], cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
+    assert plots.returncode == 0, plots.stderr[-2000:]
+    assert len(list((tmp_path / "plots").glob("*.png"))) >= 3
 
     # resume with more iterations and a switched regularizer (SN state carries over)
     result = run_cli(["--resume", str(run_dir), "--set", "train.iterations=6",

@@ -6,16 +6,19 @@ below s1. This package records those spectra during training, logs summaries, an
 alarm (optionally saving a checkpoint or switching to SR-d) when a layer collapses.
 
 - :mod:`core.spectral.config` -- the ``[spectral]`` recipe section (:class:`SpectralSection`);
-- :mod:`core.spectral.measure` -- effective weights, singular values, summaries;
+- :mod:`core.spectral.measure` -- effective weights and their exact singular values;
+- :mod:`core.spectral.summary` -- per-layer summaries (spectral mass, stable rank, ...);
 - :mod:`core.spectral.store` -- the appendable ``RUN/spectra.npy`` record file;
 - :mod:`core.spectral.alarm` -- the collapse rule;
 - :mod:`core.spectral.switch` -- replacing the discriminator's regularizer mid-run;
-- :mod:`core.spectral.monitor` -- the training callback tying them together.
+- :mod:`core.spectral.monitor` -- the training callback tying them together;
+- :mod:`core.spectral.history` -- a run's records read back (for :mod:`core.plot`).
 
 Plots: ``python -m core.plot RUN_DIR`` (:mod:`core.plot`).
 
     from core.spectral import make_spectral_callbacks
-    trainer = Trainer(recipe, run_dir, accelerator, callbacks=make_spectral_callbacks(recipe, run_dir))
+    callbacks = make_spectral_callbacks(recipe, run_dir)
+    trainer = Trainer(recipe, run_dir, accelerator, callbacks=callbacks)
 """
 
 from core.spectral.config import SpectralSection

@@ -1,4 +1,4 @@
-"""The ``[spectral]`` recipe section: how often to record, when to raise the collapse alarm, what to do.
+"""The ``[spectral]`` recipe section: how often to record, when to raise the alarm, what to do.
 
     [spectral]
     every = 500                 # record every 500 iterations (0 = off)
@@ -62,12 +62,12 @@ class SpectralSection:
     ignore: list[str] = attrs.Factory(list)
 
     def __attrs_post_init__(self) -> None:
-        _check(self.every >= 0, f"spectral.every must be >= 0 (0 = off), got {self.every}")
+        _check(self.every >= 0, f"every must be >= 0 (0 = off), got {self.every}")
         _check(0.0 < self.mass_drop < 1.0,
-               f"spectral.mass_drop must lie strictly between 0 and 1, got {self.mass_drop}")
-        _check(self.min_layers >= 1, f"spectral.min_layers must be >= 1, got {self.min_layers}")
-        _check(self.warmup >= 0, f"spectral.warmup must be >= 0, got {self.warmup}")
-        _check(self.action in ACTIONS, f"spectral.action must be one of "
+               f"mass_drop must lie strictly between 0 and 1, got {self.mass_drop}")
+        _check(self.min_layers >= 1, f"min_layers must be >= 1, got {self.min_layers}")
+        _check(self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}")
+        _check(self.action in ACTIONS, f"action must be one of "
                f"{', '.join(repr(a) for a in ACTIONS)}, got {self.action!r}")
         if self.action == "switch":
             self.switch_regularizer_config()  # fail at recipe load, not at the alarm
@@ -81,16 +81,17 @@ class SpectralSection:
         try:
             cls = get_registry().regularizers[self.switch_to]
         except UnknownPluginError as exc:
-            raise ValueError(f"spectral.switch_to: {exc}") from None
+            raise ValueError(f"switch_to: {exc}") from None
         from core.recipe import converter  # lazy: core.recipe imports this module
 
         try:
             return converter.structure(dict(self.switch_config), cls.Config)
         except Exception as exc:  # noqa: BLE001 - every problem becomes one line
-            lines = cattrs.transform_error(exc, path="spectral.switch_config") \
+            lines = cattrs.transform_error(exc, path="switch_config") \
                 if isinstance(exc, cattrs.BaseValidationError) else [str(exc)]
-            raise ValueError(f"spectral.switch_config (for regularizer '{self.switch_to}'): "
-                             + "; ".join(lines)) from None
+            valid = ", ".join(f.name for f in attrs.fields(cls.Config)) or "none"
+            raise ValueError(f"switch_config (the Config of regularizer '{self.switch_to}'): "
+                             + "; ".join(lines) + f"; valid keys: {valid}") from None
 
     def create_switch_regularizer(self):
         """A fresh instance of the ``switch_to`` regularizer."""

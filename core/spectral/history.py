@@ -22,7 +22,7 @@ import attrs
 import numpy as np
 
 from core.errors import SpecregError
-from core.spectral.measure import LayerInfo, summarize
+from core.spectral.summary import LayerInfo, summarize
 from core.spectral.store import FILENAME, layers_of, read_spectra
 
 __all__ = ["RunHistory", "read_metrics", "quality_series"]
@@ -55,7 +55,8 @@ def quality_series(records: list[dict[str, Any]]) -> dict[str, tuple[np.ndarray,
                     or not isinstance(value, (int, float)) or not math.isfinite(value):
                 continue
             series.setdefault(key, []).append((int(r["iteration"]), float(value)))
-    return {k: (np.array([i for i, _ in v]), np.array([x for _, x in v])) for k, v in series.items()}
+    return {key: (np.array([i for i, _ in points]), np.array([x for _, x in points]))
+            for key, points in series.items()}
 
 
 @attrs.define
@@ -122,7 +123,8 @@ class RunHistory:
             return len(self.spectra) - 1
         hits = np.flatnonzero(self.iterations == iteration)
         if not len(hits):
-            shown = ", ".join(map(str, self.iterations[:12])) + (", ..." if len(self.spectra) > 12 else "")
+            shown = ", ".join(map(str, self.iterations[:12]))
+            shown += ", ..." if len(self.spectra) > 12 else ""
             raise SpecregError(f"{self.run_dir}: no record at iteration {iteration}; recorded: "
                                f"{shown}")
         return int(hits[-1])

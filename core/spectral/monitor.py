@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from core.spectral.alarm import Collapse, CollapseAlarm
+from core.spectral.alarm import CollapseAlarm
 from core.spectral.config import SpectralSection
 from core.spectral.measure import LayerInfo, measure_layer, monitored_layers, reading_weights, \
     summarize
@@ -45,8 +45,8 @@ def watched(info: LayerInfo, config: SpectralSection) -> bool:
     """Whether the alarm watches this layer (all layers are recorded either way)."""
     if config.ignore_1x1 and info.is_1x1:
         return False
-    return not any(fnmatch.fnmatchcase(info.key, pattern) or fnmatch.fnmatchcase(info.module, pattern)
-                   for pattern in config.ignore)
+    return not any(fnmatch.fnmatchcase(info.key, pattern)
+                   or fnmatch.fnmatchcase(info.module, pattern) for pattern in config.ignore)
 
 
 def _say(message: str) -> None:
@@ -124,9 +124,11 @@ class SpectralMonitor(TrainingCallback):
             spectra = [measure_layer(layer) for _, layer in layers]
         return [info for info, _ in layers], spectra
 
-    def record(self, trainer, iteration: int) -> list[Collapse]:
-        """Record, log, and check the alarm at ``iteration`` (every process must call it)."""
-        collapses: list[Collapse] | None = None
+    def record(self, trainer, iteration: int) -> list[dict[str, Any]]:
+        """Record, log, and check the alarm at ``iteration`` (every process must call it).
+        Returns the collapsed layers if the alarm was raised (``layer``, ``module``, ``mass``,
+        ``peak``, ``new``), else ``[]``."""
+        collapses: list[dict[str, Any]] | None = None
         if trainer.acc.is_main_process:
             layers, spectra = self.measure(trainer)
             if self.file is None:
@@ -137,12 +139,12 @@ class SpectralMonitor(TrainingCallback):
             values = {f"{key}.{name}": value for key, summary in summaries.items()
                       for name, value in summary.items() if math.isfinite(value)}
             trainer.log.write("spectral", iteration, values, tensorboard_prefix="spectral")
-            collapses = self.alarm.update(iteration, {
+            fired = self.alarm.update(iteration, {
                 info.key: summaries[info.key]["mass"] for info in layers
                 if watched(info, self.config)})
             modules = {info.key: info.module for info in layers}
             collapses = [{"layer": c.layer, "module": modules[c.layer], "mass": c.mass,
-                          "peak": c.peak, "new": c.new} for c in collapses]
+                          "peak": c.peak, "new": c.new} for c in fired]
         if trainer.acc.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 
@@ -166,6 +168,7 @@ class SpectralMonitor(TrainingCallback):
                            f"{x['peak']:.3f}" for x in collapses)
         values: dict[str, Any] = {
             "kind": "spectral_collapse", "action": action,
+            "layers_collapsed": len(collapses),  # a number, so TensorBoard marks the alarm too
             "layers": [x["layer"] for x in collapses],
             "mass": {x["layer"]: x["mass"] for x in collapses},
             "peak": {x["layer"]: x["peak"] for x in collapses}}
@@ -181,7 +184,8 @@ class SpectralMonitor(TrainingCallback):
             old = getattr(trainer.d_reg, "name", None) or "none"
             self.switched = {"iteration": iteration, "to": c.switch_to,
                              "config": dict(c.switch_config), "from": old}
-            switch_discriminator_regularizer(trainer, regularizer=c.create_switch_regularizer())
+            switch_discriminator_regularizer(trainer, regularizer=c.create_switch_regularizer(),
+                                             seed=_switch_seed(trainer, iteration))
             values["switched"] = {"from": old, "to": c.switch_to}
             outcome = f"; the discriminator continues with {c.switch_to} (was {old})"
         if trainer.acc.is_main_process:
@@ -204,7 +208,8 @@ class SpectralMonitor(TrainingCallback):
         from core.recipe import converter
 
         regularizer = cls(converter.structure(dict(s.get("config") or {}), cls.Config))
-        switch_discriminator_regularizer(trainer, regularizer=regularizer)
+        switch_discriminator_regularizer(trainer, regularizer=regularizer,
+                                         seed=_switch_seed(trainer, s["iteration"]))
         restored = ""
         if trainer.last_checkpoint is not None:
             ckpt.load_models(trainer.last_checkpoint,
@@ -215,6 +220,10 @@ class SpectralMonitor(TrainingCallback):
             _say(f"specreg: spectral: this run switched the discriminator to {s['to']} at "
                  f"iteration {s['iteration']} (spectral-collapse alarm); continuing with "
                  f"{s['to']}{restored}")
+
+
+def _switch_seed(trainer, iteration: int) -> int:
+    return (trainer.recipe.seed * 1_000_003 + iteration) % 2**63
 
 
 def make_spectral_callbacks(recipe, run_dir: Path) -> list[TrainingCallback]:

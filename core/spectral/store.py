@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from core.spectral.measure import LayerInfo, LayerSpectrum
+from core.spectral.summary import LayerInfo
 
 __all__ = ["FILENAME", "record_dtype", "layers_of", "make_record", "SpectraFile", "read_spectra",
            "truncate"]
@@ -58,7 +58,8 @@ def layers_of(dtype: np.dtype) -> list[LayerInfo]:
     return out
 
 
-def make_record(dtype: np.dtype, iteration: int, spectra: Sequence[LayerSpectrum]) -> np.ndarray:
+def make_record(dtype: np.dtype, iteration: int, spectra: Sequence) -> np.ndarray:
+    """One record from :class:`core.spectral.measure.LayerSpectrum` values, in layer order."""
     record = np.zeros((), dtype=dtype)
     record["iteration"] = iteration
     for info, spec in zip(layers_of(dtype), spectra):
