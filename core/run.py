@@ -208,7 +208,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             code = train(args)
     except SpecregError as exc:
         if _is_main_process():
-            print(f"specreg: error: {exc}", file=sys.stderr)
+            problems = getattr(exc, "problems", None)
+            if problems and len(problems) > 1:
+                print(f"specreg: error: {len(problems)} problems in the recipe:", file=sys.stderr)
+                print("\n".join(problems), file=sys.stderr)
+            else:
+                print(f"specreg: error: {exc}", file=sys.stderr)
         code = exc.exit_code
     except KeyboardInterrupt:
         if _is_main_process():
