@@ -170,11 +170,27 @@ def train(args: argparse.Namespace) -> int:
         print(f"run folder: {run_dir}")
         print(f"batch: {trainer.plan.describe()}")
     trainer.fit(evaluate=evaluator)
+    if accelerator.is_main_process and recipe.spectral.every:
+        write_spectral_plots(run_dir)
     if accelerator.is_main_process:
         print(f"done: {trainer.iteration} iterations; run folder {run_dir} "
               f"(last checkpoint {trainer.last_checkpoint.name if trainer.last_checkpoint else '-'})")
     accelerator.wait_for_everyone()
     return 0
+
+
+def write_spectral_plots(run_dir: Path) -> None:
+    """The spectral monitor's figures into RUN/plots at the end of a run (main process)."""
+    from core.plot import plot_run
+    from core.spectral.history import RunHistory
+
+    try:
+        written = plot_run(RunHistory.load(run_dir), run_dir / "plots")
+    except SpecregError as exc:  # e.g. no record: the run still succeeded
+        print(f"specreg: no spectral plots: {exc}", file=sys.stderr)
+        return
+    print(f"spectral plots: {len(written)} PNGs in {run_dir / 'plots'} "
+          f"(redraw any time: python -m core.plot {run_dir})")
 
 
 def shutdown(code: int) -> None:

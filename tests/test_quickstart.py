@@ -47,6 +47,7 @@ def test_quickstart_run_folder_resume_and_evaluate(tmp_path):
     import numpy as np
     spectra = np.load(run_dir / "spectra.npy")
     assert len(spectra) == 3  # iterations 0, 2, 4
+    assert (run_dir / "plots" / "mass_and_quality.png").is_file()  # drawn at the end of the run
     plots = subprocess.run([sys.executable, "-m", "core.plot", str(run_dir), "--out",
                             str(tmp_path / "plots")], cwd=REPO, capture_output=True, text=True,
                            timeout=300)
