@@ -204,11 +204,13 @@ class Trainer:
                 group["lr"] = lr * factor
 
     @staticmethod
-    def _micro_contexts(acc, model: nn.Module, m: int, k: int, sync: bool = True):
+    def _micro_contexts(acc, model: nn.Module, m: int, k: int):
+        """Micro-batch ``m`` of ``k``: regularizer state frozen after the first, gradients
+        all-reduced on the last only."""
         stack = contextlib.ExitStack()
         if m > 0:
             stack.enter_context(frozen_state())
-        if not sync or m < k - 1:
+        if m < k - 1:
             stack.enter_context(acc.no_sync(model))
         return stack
 
