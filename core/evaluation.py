@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from core.interfaces import EvaluationContext, Metric
 
 __all__ = ["evaluate", "format_table", "progress", "shared_cache", "library_versions",
-           "metric_name", "plain"]
+           "metric_name", "plain", "require_samples"]
 
 #: distributions whose versions every protocol records.
 LIBRARIES = ("specreg", "torch", "numpy", "scipy", "clean-fid", "scikit-learn", "pillow",
@@ -58,6 +58,15 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[dist] = "missing"
     return versions
+
+
+def require_samples(name: str, num_samples: int, minimum: int, why: str = "") -> None:
+    """Refuse a metric Config whose ``num_samples`` is below what the score needs."""
+    if num_samples < minimum:
+        from core.errors import SpecregError
+
+        reason = f" ({why})" if why else ""
+        raise SpecregError(f"{name} needs num_samples >= {minimum}{reason}, got {num_samples}")
 
 
 def shared_cache() -> dict:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from core.errors import SpecregError
-from core.evaluation import progress
+from core.evaluation import progress, require_samples
 from core.hookspecs import hookimpl
 from core.interfaces import EvaluationContext, Metric, MetricResult
 from core.regularizer import frozen_state
@@ -75,8 +75,7 @@ class DStats(Metric):
 
     def __init__(self, config=None) -> None:
         super().__init__(config)
-        if self.config.num_samples < 1:
-            raise SpecregError(f"d_stats needs num_samples >= 1, got {self.config.num_samples}")
+        require_samples("d_stats", self.config.num_samples, 1)
 
     @torch.no_grad()
     def _outputs_real(self, context: EvaluationContext, discriminator: torch.nn.Module,

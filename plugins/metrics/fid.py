@@ -23,7 +23,7 @@ import attrs
 import numpy as np
 from cleanfid.fid import frechet_distance
 
-from core.errors import SpecregError
+from core.evaluation import require_samples
 from core.hookspecs import hookimpl
 from core.interfaces import EvaluationContext, Metric, MetricResult
 from plugins.metrics.inception import (InceptionSettings, check_mode, generated_features,
@@ -68,8 +68,7 @@ class Fid(Metric):
     def __init__(self, config=None) -> None:
         super().__init__(config)
         check_mode(self.config.mode)
-        if self.config.num_samples < 2:
-            raise SpecregError(f"fid needs num_samples >= 2, got {self.config.num_samples}")
+        require_samples("fid", self.config.num_samples, 2)
 
     def reference(self, context: EvaluationContext, extractor) -> Statistics:
         cfg = self.config

@@ -27,8 +27,7 @@ import math
 import attrs
 import numpy as np
 
-from core.errors import SpecregError
-from core.evaluation import progress
+from core.evaluation import progress, require_samples
 from core.hookspecs import hookimpl
 from core.interfaces import EvaluationContext, Metric, MetricResult
 from plugins.datasets.stacked_digits import NUM_MODES
@@ -71,8 +70,7 @@ class Modes(Metric):
 
     def __init__(self, config=None) -> None:
         super().__init__(config)
-        if self.config.num_samples < 1:
-            raise SpecregError(f"modes needs num_samples >= 1, got {self.config.num_samples}")
+        require_samples("modes", self.config.num_samples, 1)
 
     def compute(self, context: EvaluationContext) -> MetricResult:
         n = self.config.num_samples
@@ -112,9 +110,7 @@ class DigitsFid(Metric):
 
     def __init__(self, config=None) -> None:
         super().__init__(config)
-        if self.config.num_samples < 2:
-            raise SpecregError(f"digits_fid needs num_samples >= 2 (a covariance), got "
-                               f"{self.config.num_samples}")
+        require_samples("digits_fid", self.config.num_samples, 2, "a covariance")
 
     def compute(self, context: EvaluationContext) -> MetricResult:
         cfg = self.config
