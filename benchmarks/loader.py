@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from core.plugins import get_registry  # noqa: E402
+from core.registry import get_registry  # noqa: E402
 from core.prepare import prepare  # noqa: E402
 
 

@@ -3,7 +3,7 @@
     python benchmarks/regularizers.py [--repeats 5] [--svd-repeats 3] [--threads 2] [--quick]
 
 1. SVD: one full SR application (every conv of the ``resnet128`` discriminator, ch = 64: 17
-   kernels up to 1024 x 9216) with :mod:`plugins.regularizers.svd`, static (fraction 0.5) and
+   kernels up to 1024 x 9216) with :mod:`core.svd`, static (fraction 0.5) and
    dynamic, against a plain ``torch.linalg.svd`` of the same kernels (what the authors' code
    does; the thin SVD of the transposed kernels is shown too); the accuracy column is the
    largest relative Frobenius error of the projected kernels against the SPEC §2.3 formula
@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.plugins import get_registry
-from core.regularizer import weight_layers, weight_matrix
+from core.registry import get_registry
+from core.layers import weight_layers, weight_matrix
 from plugins.regularizers.sr import static_rank
-from plugins.regularizers.svd import thin_svd
+from core.svd import thin_svd
 
 #: (regularizer, Config keyword arguments, mode label) of the D-step table; sn first.
 VARIANTS: list[tuple[str, dict, str]] = [

@@ -2,7 +2,7 @@
 
 Every plugin is a class with a nested, default-constructible attrs ``Config``. A recipe table
 selects the plugin with ``name`` and its remaining keys are structured into that ``Config``
-(see :mod:`core.recipe`). The registry (:mod:`core.plugins`) maps names to these classes.
+(see :mod:`core.recipe`). The registry (:mod:`core.registry`) maps names to these classes.
 
     class MyRegularizer(Regularizer):
         '''One line saying what it does, citing the paper and equation.'''
@@ -67,7 +67,7 @@ class Regularizer(Plugin):
     parametrization modules, so it travels in ``state_dict()``.
 
     Parametrizations that update state in a training-mode forward pass (power iteration) must do
-    so only while :func:`core.regularizer.state_updates_enabled` is true: the training loop turns
+    so only while :func:`core.layers.state_updates_enabled` is true: the training loop turns
     updates off for every micro-batch but the first of an optimizer step, so that k accumulated
     micro-batches are exactly one large batch.
     """

@@ -36,7 +36,7 @@ DEFAULT_ROOT = Path("datasets")
 
 def preparable_datasets() -> dict[str, type]:
     """Registered datasets that read image files (and so can be prepared): name -> class."""
-    from core.plugins import get_registry
+    from core.registry import get_registry
     from plugins.datasets.base import ImageDataset
 
     datasets = get_registry().datasets
@@ -44,7 +44,7 @@ def preparable_datasets() -> dict[str, type]:
 
 
 def _unknown_dataset(name: str, choices: dict[str, type]) -> SpecregError:
-    from core.plugins import get_registry
+    from core.registry import get_registry
 
     valid = ", ".join(choices) or "none"
     if name in get_registry().datasets:

@@ -23,7 +23,7 @@ import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
 from core.errors import SpecregError
-from core.plugins import UnknownPluginError, get_registry
+from core.registry import UnknownPluginError, get_registry
 from core.spectral import SpectralSection
 
 if sys.version_info >= (3, 11):

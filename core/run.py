@@ -136,12 +136,12 @@ def train(args: argparse.Namespace) -> int:
     from accelerate.utils import broadcast_object_list
 
     from core import checkpoint as ckpt
-    from core.plugins import get_registry
+    from core.registry import get_registry
     from core.train import Trainer, make_accelerator
 
     recipe, recipe_path, resume_dir = resolve_recipe(args)
     if args.dry_run:
-        from core.plan import dry_run
+        from core.dry_run import dry_run
 
         print(dry_run(recipe, recipe_path))
         return 0
@@ -150,7 +150,7 @@ def train(args: argparse.Namespace) -> int:
     run_dir = Path(broadcast_object_list([str(run_dir)])[0]) if accelerator.num_processes > 1 \
         else run_dir
     checkpoint = ckpt.resolve_checkpoint(run_dir) if resume_dir is not None else None
-    from core.evaluation_loop import make_evaluator
+    from core.eval.during_training import make_evaluator
 
     evaluator = make_evaluator(recipe)
     from core.spectral import make_spectral_callbacks
@@ -217,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.list_plugins:
-            from core.plugin_listing import print_plugins
+            from core.listing import print_plugins
 
             code = print_plugins()
         else:

@@ -27,7 +27,7 @@ members each one exercises, and specreg's own meta-test fails if a member or a h
   the projection embedding): applies to every layer type; finite outputs and a gradient for every
   parameter; state round-trips through ``state_dict`` and safetensors, and a training run resumed
   from a checkpoint is bit-identical to a straight one; eval mode (and
-  :func:`core.regularizer.frozen_state`) changes no state; k micro-batches of one optimizer step
+  :func:`core.layers.frozen_state`) changes no state; k micro-batches of one optimizer step
   equal one batch (state updated once, ``after_step`` once per optimizer step, the loss term
   counted once); deterministic under a seed; identical on 2 gloo processes (slow).
 - architectures: shapes, resolution and range of G and D; conditional labels; every weight
@@ -76,7 +76,7 @@ from core.errors import DataMissingError, SpecregError
 from core.hookspecs import hookimpl
 from core.interfaces import (PLUGIN_KINDS, Architecture, Dataset, EvaluationContext,
                              MetricResult, Plugin, Regularizer)
-from core.regularizer import LAYER_TYPES, frozen_state, raw_weight, weight_layers
+from core.layers import LAYER_TYPES, frozen_state, raw_weight, weight_layers
 
 __all__ = ["Case", "Check", "CHECKS", "COMMON_CHECKS", "ConformanceError", "check_plugin",
            "checks_for", "covered_members", "interface_members", "kind_of",
@@ -313,7 +313,7 @@ def _fail(case: Case, what: str) -> None:
 @contextlib.contextmanager
 def registered(cls: type[Plugin]) -> Iterator[str]:
     """The name ``cls`` is registered under; registers it for the block if it is not yet."""
-    from core.plugins import Provider, get_registry
+    from core.registry import Provider, get_registry
 
     kind = kind_of(cls)
     table = get_registry().kinds[kind]
@@ -354,7 +354,7 @@ def small_config(cls: type[Plugin], **values: Any) -> Any:
 def small_architecture(num_classes: int = 0) -> Architecture:
     """A small resnet32 (ch = g_ch = 8): 32x32 images, D with 10 convolutions and a linear layer
     (and the projection embedding when ``num_classes > 0``)."""
-    from core.plugins import get_registry
+    from core.registry import get_registry
 
     cls = get_registry().architectures["resnet32"]
     return cls(cls.Config(ch=8, g_ch=8, num_classes=num_classes))
@@ -716,7 +716,7 @@ def check_regularizer_checkpoint_resume(case: Case) -> None:
 @_check("regularizers", covers=("apply", "loss_term"))
 def check_regularizer_eval_mode_changes_no_state(case: Case) -> None:
     """Eval-mode forwards (with or without gradients), the loss term, and training-mode forwards
-    under :func:`core.regularizer.frozen_state` change no parameter or buffer."""
+    under :func:`core.layers.frozen_state` change no parameter or buffer."""
     reg, D = _regularized(case)
     rng = torch.Generator().manual_seed(SEED)
     x, y = _images(4, rng)
@@ -740,7 +740,7 @@ def check_regularizer_eval_mode_changes_no_state(case: Case) -> None:
     diff = _differences(before, _state(D))
     if diff:
         _fail(case, f"a training-mode forward under frozen_state() changed state (it must only "
-                    f"update while core.regularizer.state_updates_enabled()): {diff[:5]}")
+                    f"update while core.layers.state_updates_enabled()): {diff[:5]}")
 
 
 @_check("regularizers", covers=("apply", "after_step", "loss_term"))
@@ -994,7 +994,7 @@ def check_architecture_layers_reported(case: Case) -> None:
     (what regularizers, the dry-run plan and the spectral monitor count), and the forward pass
     reads each weight through ``torch.nn.utils.parametrize`` (identity on all: same output;
     one layer's weight halved: another output)."""
-    from core.plan import describe_regularized
+    from core.dry_run import describe_regularized
 
     arch, G, D = _built(case)
     z, y = _latents(arch, 3)
@@ -1130,7 +1130,7 @@ def check_loss_is_a_batch_mean(case: Case) -> None:
 
 
 def _metric_context(root: Path, seed: int = 0) -> EvaluationContext:
-    from core.plugins import get_registry
+    from core.registry import get_registry
 
     torch.manual_seed(SEED)
     arch = small_architecture()
@@ -1143,9 +1143,9 @@ def _metric_context(root: Path, seed: int = 0) -> EvaluationContext:
 
 def _evaluations(case: Case, count: int) -> list[tuple[dict[str, Any], Any]]:
     """``count`` evaluations of fresh instances on the same context (seed), each as (record of
-    :func:`core.evaluation.evaluate`, the MetricResult ``compute`` returned); kept on the case,
+    :func:`core.eval.runner.evaluate`, the MetricResult ``compute`` returned); kept on the case,
     so that the metric checks together evaluate a metric twice."""
-    from core.evaluation import evaluate
+    from core.eval.runner import evaluate
 
     while len(case._evaluations) < count:
         metric = case.create()

@@ -7,7 +7,7 @@ that k micro-batches are exactly one batch k times as large:
 - the loss of each micro-batch is divided by k and gradients are all-reduced on the last one only
   (``no_sync`` before);
 - regularizer state (power iteration) is updated by the first micro-batch of a step only
-  (:func:`core.regularizer.frozen_state` for the others);
+  (:func:`core.layers.frozen_state` for the others);
 - real and fake images go through D in one forward pass.
 
 After each optimizer step the network's regularizer gets ``after_step`` (SR's projection, SPEC
@@ -29,9 +29,9 @@ from core import checkpoint as ckpt
 from core.data import BatchPlan, GlobalBatchSampler
 from core.errors import SpecregError
 from core.interfaces import Architecture, Loss, Regularizer
-from core.logs import RunLog
+from core.tracking import RunLog
 from core.recipe import Recipe
-from core.regularizer import frozen_state, regularized_layers
+from core.layers import frozen_state, regularized_layers
 
 
 class NonFiniteLossError(SpecregError):

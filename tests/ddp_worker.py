@@ -21,7 +21,7 @@ from core.train import Trainer, make_accelerator
 def main() -> None:
     recipe_path, out = sys.argv[1], Path(sys.argv[2])
     if "architecture.name=test_no_batch_stats" in sys.argv[3:]:
-        from core.plugins import Provider, get_registry
+        from core.registry import Provider, get_registry
         from test_training import _TestPlugin
 
         get_registry().add(_TestPlugin, Provider(name="tests.test_training"))

@@ -12,8 +12,8 @@ from torch import nn
 
 from core.errors import SpecregError
 from core.interfaces import Architecture
-from core.plugins import get_registry
-from core.regularizer import weight_layers
+from core.registry import get_registry
+from core.layers import weight_layers
 from plugins.architectures.blocks import (RESIDUAL_GAIN, ConditionalBatchNorm2d, DBlock, GBlock,
                                           OptimizedDBlock)
 from plugins.architectures.cnn import StandardCNN

@@ -32,8 +32,8 @@ from torch.nn.utils import parametrize
 from core import hookspecs, testing
 from core.interfaces import (PLUGIN_KINDS, Architecture, Dataset, Loss, Metric, MetricResult,
                              Regularizer)
-from core.plugins import get_registry
-from core.regularizer import state_updates_enabled, weight_layers, weight_matrix
+from core.registry import get_registry
+from core.layers import state_updates_enabled, weight_layers, weight_matrix
 from core.testing import Case, ConformanceError, parametrize_with_checks
 
 BUILTIN = "specreg (built-in)"

@@ -31,7 +31,7 @@ from PIL import Image
 
 from core import prepare as prepare_cli
 from core.errors import DataMissingError, SpecregError
-from core.plugins import get_registry
+from core.registry import get_registry
 from plugins.datasets.base import DecodedImages, ImageDataset
 from plugins.datasets.prepared import (PreparedFiles, PreparedImages, PreparedMismatchError,
                                        write_prepared)

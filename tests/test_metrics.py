@@ -22,9 +22,9 @@ from cleanfid.resize import build_resizer
 from torch import nn
 
 from core.errors import DataMissingError, SpecregError, WeightsMissingError
-from core.evaluation import evaluate, format_table
+from core.eval.runner import evaluate, format_table
 from core.interfaces import Architecture, EvaluationContext
-from core.plugins import get_registry
+from core.registry import get_registry
 from plugins.datasets.stacked_digits import StackedDigits, digit_pool, render
 from plugins.metrics import digit_classifier as dc
 from plugins.metrics.d_stats import DStats

@@ -64,7 +64,7 @@ def test_quickstart_run_folder_resume_and_evaluate(tmp_path):
     assert list(run_dir.glob("recipe.before-*.toml"))
 
     evaluate = subprocess.run(
-        [sys.executable, "-m", "core.evaluate", str(run_dir), "--metrics", "modes",
+        [sys.executable, "-m", "core.eval", str(run_dir), "--metrics", "modes",
          "--num-samples", "100", "--no-progress"], cwd=REPO, capture_output=True, text=True,
         timeout=300)
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]

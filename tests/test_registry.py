@@ -6,7 +6,7 @@ import pytest
 
 from conftest import write_distribution
 from core.interfaces import PLUGIN_KINDS
-from core.plugins import (DuplicatePluginError, PluginError, Registry, UnknownPluginError,
+from core.registry import (DuplicatePluginError, PluginError, Registry, UnknownPluginError,
                           get_registry)
 
 GOOD_PLUGIN = '''

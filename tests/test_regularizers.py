@@ -10,8 +10,8 @@ from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 
 from core.errors import SpecregError
-from core.plugins import get_registry
-from core.regularizer import frozen_state, regularized_layers
+from core.registry import get_registry
+from core.layers import frozen_state, regularized_layers
 from plugins.regularizers.bsn import input_matrix
 from test_regularizers_support import (SHAPE_IDS, SHAPES, converge, layer_for, make_weight,
                                        rel_err, svd64)

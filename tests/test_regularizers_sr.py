@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from core.plugins import get_registry
-from core.regularizer import raw_weight, regularized_layers
+from core.registry import get_registry
+from core.layers import raw_weight, regularized_layers
 from plugins.regularizers.sr import FRESH_STATE, SpectralRegularizedWeight, static_rank
 from test_regularizers import create, small_d
 from test_regularizers_support import (SHAPE_IDS, SHAPES, converge, dynamic_reference,

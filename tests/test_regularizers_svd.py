@@ -1,4 +1,4 @@
-"""The fast exact SVD of plugins/regularizers/svd.py against LAPACK's float64 SVD: singular
+"""The fast exact SVD of core/svd.py against LAPACK's float64 SVD: singular
 values, vectors, and spectrum re-weighting on tall, wide, square, rank-deficient, r = 1 and
 collapsed-spectrum matrices."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from plugins.regularizers.svd import RELIABLE, svd, thin_svd
+from core.svd import RELIABLE, svd, thin_svd
 from test_regularizers_support import gapped_spectrum, rel_err, svd64, with_spectrum
 
 torch.set_num_threads(1)

@@ -17,9 +17,9 @@ from torch import nn
 
 from conftest import REPO
 from core import checkpoint as ckpt
-from core.plugins import get_registry
+from core.registry import get_registry
 from core.recipe import converter, load_recipe
-from core.regularizer import raw_weight, regularized_layers, weight_matrix
+from core.layers import raw_weight, regularized_layers, weight_matrix
 from core.spectral.alarm import CollapseAlarm
 from core.spectral.config import SpectralSection
 from core.spectral.history import RunHistory

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-import core.plugins
+import core.registry
 from conftest import REPO, write_distribution
-from core.plugin_listing import format_plugins, plugin_table, print_plugins
-from core.plugins import Provider, get_registry
+from core.listing import format_plugins, plugin_table, print_plugins
+from core.registry import Provider, get_registry
 from core.recipe import structure_recipe
-from core.regularizer import weight_layers
+from core.layers import weight_layers
 from core.train import Trainer, make_accelerator
 
 EXAMPLE = REPO / "examples" / "specreg-orthogonal"
@@ -63,7 +63,7 @@ def register_losses(register):
 @pytest.fixture
 def own_registry(monkeypatch):
     """The process-wide registry rebuilt for this test (and the previous one back afterwards)."""
-    monkeypatch.setattr(core.plugins, "_REGISTRY", None)
+    monkeypatch.setattr(core.registry, "_REGISTRY", None)
     monkeypatch.delenv("SPECREG_STRICT_PLUGINS", raising=False)
     yield
 

@@ -14,7 +14,7 @@ from torch import nn
 from core import checkpoint as ckpt
 from core.hookspecs import hookimpl
 from core.interfaces import Architecture
-from core.plugins import Provider, get_registry
+from core.registry import Provider, get_registry
 from core.recipe import load_recipe
 from core.train import NonFiniteLossError, Trainer, TrainingCallback, make_accelerator
 

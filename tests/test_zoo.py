@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from conftest import REPO, run_cli
-from core.plan import describe_regularized, dry_run
+from core.dry_run import describe_regularized, dry_run
 from core.recipe import load_recipe
-from core.regularizer import regularized_layers
+from core.layers import regularized_layers
 
 ZOO = REPO / "zoo"
 RECIPES = sorted(ZOO.rglob("*.toml"))

@@ -76,7 +76,7 @@ class SpectralSection:
         """The ``switch_to`` regularizer's structured Config; ValueError naming what is wrong."""
         import cattrs
 
-        from core.plugins import UnknownPluginError, get_registry
+        from core.registry import UnknownPluginError, get_registry
 
         try:
             cls = get_registry().regularizers[self.switch_to]
@@ -95,7 +95,7 @@ class SpectralSection:
 
     def create_switch_regularizer(self):
         """A fresh instance of the ``switch_to`` regularizer."""
-        from core.plugins import get_registry
+        from core.registry import get_registry
 
         return get_registry().create("regularizers", self.switch_to,
                                      self.switch_regularizer_config())

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from core.regularizer import (LAYER_TYPES, frozen_state, parametrizations_of, raw_weight,
+from core.layers import (LAYER_TYPES, frozen_state, parametrizations_of, raw_weight,
                               weight_layers, weight_matrix)
 from core.spectral.summary import ABOVE, SUMMARY_KEYS, LayerInfo, summarize
 
@@ -62,7 +62,7 @@ def _native(module: nn.Module) -> bool:
 @contextlib.contextmanager
 def reading_weights(model: nn.Module) -> Iterator[None]:
     """Read effective weights without touching anything: no gradient, regularizer state frozen
-    (:func:`core.regularizer.frozen_state`); torch's own parametrizations, which do not know that
+    (:func:`core.layers.frozen_state`); torch's own parametrizations, which do not know that
     switch, are put in eval mode for the duration. Nothing else changes mode."""
     switched = [p for _, layer in weight_layers(model) for p in parametrizations_of(layer)
                 if _native(p) and p.training]

@@ -201,7 +201,7 @@ class SpectralMonitor(TrainingCallback):
         if getattr(trainer.d_reg, "name", None) == s["to"]:
             return
         from core import checkpoint as ckpt
-        from core.plugins import get_registry
+        from core.registry import get_registry
 
         registry = get_registry()
         cls = registry.regularizers[s["to"]]

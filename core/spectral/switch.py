@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from core.interfaces import Regularizer
-from core.regularizer import frozen_state, parametrizations_of, regularized_layers, weight_layers
+from core.layers import frozen_state, parametrizations_of, regularized_layers, weight_layers
 
 __all__ = ["switch_discriminator_regularizer", "CARRIED_BUFFERS"]
 
@@ -106,7 +106,7 @@ def switch_discriminator_regularizer(trainer, name: str | None = None, config: A
     the uninterrupted run did not draw.
     """
     if regularizer is None:
-        from core.plugins import get_registry
+        from core.registry import get_registry
 
         regularizer = get_registry().create("regularizers", name, config)
     D = trainer.unwrapped(trainer.D)

@@ -8,7 +8,7 @@ The architectures in :mod:`plugins.architectures.resnet` are stacks of these blo
 
 Submodules are defined in forward order (``c1``, ``c2``, then the shortcut ``sc``), so that
 ``named_modules()`` lists a network's convolutions in the order of the paper's layer numbering
-(layer_0, layer_1, ...), which is the order :func:`core.regularizer.weight_layers` and the spectral
+(layer_0, layer_1, ...), which is the order :func:`core.layers.weight_layers` and the spectral
 monitor use.
 
 No activation is applied in place: every block's shortcut sees the block's input unchanged

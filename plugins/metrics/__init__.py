@@ -7,5 +7,5 @@
   classifier of :mod:`.digit_classifier`.
 - ``d_stats`` (:mod:`.d_stats`): discriminator output statistics (SR paper, Section IV-C).
 
-They run through :func:`core.evaluation.evaluate`, which adds the shared protocol fields.
+They run through :func:`core.eval.runner.evaluate`, which adds the shared protocol fields.
 """

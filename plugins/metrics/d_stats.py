@@ -8,7 +8,7 @@ training images well above held-out ones overfits (the paper's Figure 10, ``i = 
 = |mean D(train) - mean D(test)| is that gap, the metric's primary score (lower is better).
 
 Variances are population variances (ddof = 0). The discriminator runs in eval mode with its
-regularizers' state frozen (:func:`core.regularizer.frozen_state`); a conditional one gets the
+regularizers' state frozen (:func:`core.layers.frozen_state`); a conditional one gets the
 dataset labels for real images and the sampled labels for generated ones.
 
 Recipe::
@@ -27,10 +27,10 @@ import numpy as np
 import torch
 
 from core.errors import SpecregError
-from core.evaluation import progress, require_samples
+from core.eval.runner import progress, require_samples
 from core.hookspecs import hookimpl
 from core.interfaces import EvaluationContext, Metric, MetricResult
-from core.regularizer import frozen_state
+from core.layers import frozen_state
 from plugins.metrics.reference import real_images
 
 __all__ = ["DStats", "generate_with_labels"]

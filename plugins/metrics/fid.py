@@ -23,7 +23,7 @@ import attrs
 import numpy as np
 from cleanfid.fid import frechet_distance
 
-from core.evaluation import require_samples
+from core.eval.runner import require_samples
 from core.hookspecs import hookimpl
 from core.interfaces import EvaluationContext, Metric, MetricResult
 from plugins.metrics.inception import (InceptionSettings, check_mode, generated_features,

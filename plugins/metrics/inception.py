@@ -46,7 +46,7 @@ from cleanfid.resize import build_resizer
 from torch import nn
 
 from core.errors import SpecregError, WeightsMissingError
-from core.evaluation import progress, shared_cache
+from core.eval.runner import progress, shared_cache
 from core.interfaces import EvaluationContext
 
 __all__ = ["InceptionSettings", "InceptionExtractor", "inception_extractor", "resolve_weights",
@@ -247,7 +247,7 @@ def inception_extractor(settings: InceptionSettings, data_root: Path,
 def generated_features(context: EvaluationContext, extractor: InceptionExtractor,
                        num_samples: int, desc: str) -> np.ndarray:
     """Pool features of ``num_samples`` generated images (``context.generate``), with a progress
-    bar; shared by the metrics of one :func:`core.evaluation.evaluate` call (FID and IS on the
+    bar; shared by the metrics of one :func:`core.eval.runner.evaluate` call (FID and IS on the
     same samples generate and embed them once)."""
     key = ("inception-generated", extractor.sha256, extractor.mode, num_samples, context.seed,
            context.iteration, id(context.generator))

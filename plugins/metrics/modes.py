@@ -27,7 +27,7 @@ import math
 import attrs
 import numpy as np
 
-from core.evaluation import progress, require_samples
+from core.eval.runner import progress, require_samples
 from core.hookspecs import hookimpl
 from core.interfaces import EvaluationContext, Metric, MetricResult
 from plugins.datasets.stacked_digits import NUM_MODES

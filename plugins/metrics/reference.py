@@ -32,7 +32,7 @@ import cleanfid
 from cleanfid.features import get_reference_statistics
 
 from core.errors import DataMissingError
-from core.evaluation import library_versions, plain, progress
+from core.eval.runner import library_versions, plain, progress
 from core.interfaces import EvaluationContext
 
 __all__ = ["Statistics", "feature_statistics", "dataset_statistics", "published_statistics",

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from core.errors import SpecregError
-from core.regularizer import LAYER_TYPES, frozen_state, weight_layers
+from core.layers import LAYER_TYPES, frozen_state, weight_layers
 
 __all__ = ["RegularizerConfigError", "parametrize_layers", "power_step", "check_positive_int",
            "check_nonnegative_int", "check_positive_number", "check_fraction", "check_layer_names",
@@ -84,7 +84,7 @@ def check_choice(owner: str, choices: Iterable[Any]) -> Callable[[Any, attrs.Att
 
 
 def check_layer_names(owner: str) -> Callable[[Any, attrs.Attribute, Any], None]:
-    """A non-empty list of distinct names from :data:`core.regularizer.LAYER_TYPES`."""
+    """A non-empty list of distinct names from :data:`core.layers.LAYER_TYPES`."""
     def check(_instance: Any, attribute: attrs.Attribute, names: Any) -> None:
         valid = ", ".join(repr(n) for n in LAYER_TYPES)
         if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names:
@@ -104,7 +104,7 @@ def parametrize_layers(module: nn.Module, make: Callable[[nn.Module, torch.Tenso
     """Register ``make(layer, weight)`` as the parametrization of the ``weight`` of ``module``
     and of every Conv2d/Linear/Embedding in it; returns the ``(name, layer)`` pairs.
 
-    Registration runs inside :func:`core.regularizer.frozen_state`, so the check forward pass
+    Registration runs inside :func:`core.layers.frozen_state`, so the check forward pass
     that :func:`torch.nn.utils.parametrize.register_parametrization` makes updates no state.
     A layer that is already parametrized is an error (a network is regularized once).
     """

@@ -19,7 +19,7 @@ from torch import nn
 
 from core.hookspecs import hookimpl
 from core.interfaces import Regularizer
-from core.regularizer import weight_matrix
+from core.layers import weight_matrix
 from plugins.regularizers.base import check_positive_number, parametrize_layers, power_step
 from plugins.regularizers.sn import EPS, INIT_POWER_ITERATIONS, SpectralNormWeight, random_unit
 
@@ -37,7 +37,7 @@ class BidirectionalSpectralNormWeight(SpectralNormWeight):
     (Lin et al. 2021, §5.1 "Bidirectional Normalization" and §5.2 for ``scale``).
 
     Both sigmas come from one power-iteration step per training-mode forward pass (while
-    :func:`core.regularizer.state_updates_enabled`), with their vectors constant for autograd.
+    :func:`core.layers.state_updates_enabled`), with their vectors constant for autograd.
     """
 
     def __init__(self, weight: torch.Tensor, scale: float = 1.0) -> None:

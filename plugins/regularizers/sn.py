@@ -18,7 +18,7 @@ from torch import nn
 
 from core.hookspecs import hookimpl
 from core.interfaces import Regularizer
-from core.regularizer import no_autocast, state_updates_enabled, weight_matrix
+from core.layers import no_autocast, state_updates_enabled, weight_matrix
 from plugins.regularizers.base import check_positive_number, parametrize_layers, power_step
 
 __all__ = ["SpectralNormWeight", "SpectralNorm", "ScaledSpectralNorm", "INIT_POWER_ITERATIONS",
@@ -41,7 +41,7 @@ class SpectralNormWeight(nn.Module):
 
     ``W`` is the SPEC §1 matrix ``W.reshape(out, -1)``. ``u`` (buffer ``_u``) and ``v``
     (``_v``) persist; each training-mode forward pass while
-    :func:`core.regularizer.state_updates_enabled` runs one power-iteration step; ``u`` and
+    :func:`core.layers.state_updates_enabled` runs one power-iteration step; ``u`` and
     ``v`` are constants for autograd. Computed in the weight's dtype with autocast disabled.
     """
 

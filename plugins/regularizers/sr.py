@@ -30,13 +30,13 @@ from torch import nn
 
 from core.hookspecs import hookimpl
 from core.interfaces import Regularizer
-from core.regularizer import (LAYER_TYPES, no_autocast, parametrizations_of, raw_weight,
+from core.layers import (LAYER_TYPES, no_autocast, parametrizations_of, raw_weight,
                               regularized_layers, weight_matrix)
 from plugins.regularizers.base import (check_choice, check_fraction, check_layer_names,
                                        check_nonnegative_int, check_positive_int,
                                        parametrize_layers, power_step)
 from plugins.regularizers.sn import EPS, SpectralNormWeight
-from plugins.regularizers.svd import ThinSVD, thin_svd
+from core.svd import ThinSVD, thin_svd
 
 __all__ = ["SpectralRegularizedWeight", "StaticSpectralRegularization",
            "DynamicSpectralRegularization", "static_rank", "FRESH_STATE", "MODES"]
@@ -256,7 +256,7 @@ class StaticSpectralRegularization(_SpectralRegularization):
         #: "projection": rewrite the raw weights after optimizer steps (the authors' code);
         #: "parametrization": the forward pass uses eq. 10, gradient eq. 11.
         mode: Mode = attrs.field(default="projection", validator=check_choice("sr_static", MODES))
-        #: layer types (names in core.regularizer.LAYER_TYPES) whose spectrum is compensated;
+        #: layer types (names in core.layers.LAYER_TYPES) whose spectrum is compensated;
         #: SN applies to every Conv2d/Linear/Embedding regardless. Default: convolutions only.
         layers: list[str] = attrs.field(factory=lambda: ["conv"],
                                         validator=check_layer_names("sr_static"))
@@ -281,7 +281,7 @@ class DynamicSpectralRegularization(_SpectralRegularization):
         #: "projection": rewrite the raw weights after optimizer steps (the authors' code);
         #: "parametrization": the forward pass uses eq. 10 with gamma recorded every forward.
         mode: Mode = attrs.field(default="projection", validator=check_choice("sr_dynamic", MODES))
-        #: layer types (names in core.regularizer.LAYER_TYPES) whose spectrum is compensated;
+        #: layer types (names in core.layers.LAYER_TYPES) whose spectrum is compensated;
         #: SN applies to every Conv2d/Linear/Embedding regardless. Default: convolutions only.
         layers: list[str] = attrs.field(factory=lambda: ["conv"],
                                         validator=check_layer_names("sr_dynamic"))

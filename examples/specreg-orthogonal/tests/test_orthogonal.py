@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from core.errors import SpecregError
-from core.plugins import get_registry
+from core.registry import get_registry
 from core.recipe import load_recipe
 from core.testing import Case, parametrize_with_checks
 from specreg_orthogonal import Orthogonal, orthogonality, recipe_path

@@ -30,7 +30,7 @@ from torch import nn
 
 from core.errors import SpecregError
 from core.interfaces import Regularizer
-from core.regularizer import LAYER_TYPES, raw_weight, weight_layers, weight_matrix
+from core.layers import LAYER_TYPES, raw_weight, weight_layers, weight_matrix
 
 __all__ = ["Orthogonal", "OrthogonalConfigError", "orthogonality"]
 

@@ -1,8 +1,8 @@
-"""Score a run's generator: ``python -m core.evaluate RUN_DIR``.
+"""Score a run's generator: ``python -m core.eval RUN_DIR``.
 
-    python -m core.evaluate runs/quickstart-20261124-101500
-    python -m core.evaluate RUN_DIR --checkpoint best --metrics modes,digits_fid --num-samples 10000
-    python -m core.evaluate RUN_DIR --metrics fid,is --inception-weights /data/inception-2015-12-05.pt
+    python -m core.eval runs/quickstart-20261124-101500
+    python -m core.eval RUN_DIR --checkpoint best --metrics modes,digits_fid --num-samples 10000
+    python -m core.eval RUN_DIR --metrics fid,is --inception-weights /data/inception-2015-12-05.pt
 
 Metrics default to the run recipe's ``eval.metrics`` (with their Configs); ``--metrics`` picks
 others by name (the recipe's Config for a metric it lists, the default Config otherwise).
@@ -26,7 +26,7 @@ from core.errors import SpecregError
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m core.evaluate",
+    parser = argparse.ArgumentParser(prog="python -m core.eval",
                                      description="Score a run's generator, with the protocol.")
     parser.add_argument("run_dir", help="a run folder (holds recipe.toml and checkpoints/)")
     parser.add_argument("--checkpoint", default="latest",
@@ -45,7 +45,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def select_metrics(recipe, names: str | None, num_samples: int | None):
     """Metric plugin instances: the recipe's, or the named ones; ``num_samples`` overrides."""
-    from core.plugins import get_registry
+    from core.registry import get_registry
 
     registry = get_registry()
     configured = {spec.name: spec.config for spec in recipe.eval.metrics}
@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def evaluate_run(args: argparse.Namespace) -> int:
     from core import checkpoint as ckpt
-    from core.evaluation import evaluate, format_table
+    from core.eval.runner import evaluate, format_table
     from core.interfaces import EvaluationContext
     from core.recipe import load_recipe
     from core.run import RECIPE_FILE
@@ -105,7 +105,7 @@ def evaluate_run(args: argparse.Namespace) -> int:
     with (run_dir / "evaluations.jsonl").open("a") as fh:
         for record in records:
             fh.write(json.dumps({**record, "checkpoint": checkpoint.name,
-                                 "source": "core.evaluate"}) + "\n")
+                                 "source": "core.eval"}) + "\n")
     print(format_table(records))
     return 0
 

@@ -42,7 +42,7 @@ def make_evaluator(recipe):
     def evaluate(trainer) -> dict[str, float] | None:
         from accelerate.utils import broadcast_object_list
 
-        from core.evaluation import evaluate as run_metrics
+        from core.eval.runner import evaluate as run_metrics
 
         acc = trainer.acc
         decision: list[Any] = [None]

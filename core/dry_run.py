@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from core.data import BatchPlan
-from core.regularizer import LAYER_TYPES, regularized_layers
+from core.layers import LAYER_TYPES, regularized_layers
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -6,7 +6,7 @@ prints a warning naming its distribution and the error, and the others keep work
 ``SPECREG_STRICT_PLUGINS=1`` makes it an error. Two plugins registering one name is an error
 naming both providers.
 
-    from core.plugins import get_registry
+    from core.registry import get_registry
     reg = get_registry()
     Sn = reg.regularizers["sn"]
 """

@@ -1,7 +1,7 @@
 """Runs metric plugins on a generator and formats their scores, each with its protocol.
 
-    from core.evaluation import evaluate, format_table
-    from core.plugins import get_registry
+    from core.eval.runner import evaluate, format_table
+    from core.registry import get_registry
 
     metrics = [get_registry().create("metrics", "fid"), get_registry().create("metrics", "is")]
     records = evaluate(metrics, context)      # context: core.interfaces.EvaluationContext

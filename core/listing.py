@@ -23,7 +23,7 @@ import sys
 from typing import Any, TextIO
 
 from core.interfaces import PLUGIN_KINDS
-from core.plugins import STRICT_ENV, PluginError, Provider, Registry, get_registry
+from core.registry import STRICT_ENV, PluginError, Provider, Registry, get_registry
 
 BUILTIN = "specreg (built-in)"
 
