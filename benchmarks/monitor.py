@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 from core.recipe import load_recipe  # noqa: E402
 from core.spectral.config import SpectralSection  # noqa: E402
 from core.spectral.monitor import SpectralMonitor  # noqa: E402
-from core.train import Trainer, make_accelerator  # noqa: E402
+from core.train import build_trainer, make_accelerator  # noqa: E402
 
 
 def median_time(fn, repeats: int) -> tuple[float, list[float]]:
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             f"train.iterations={10**6}", f"train.cpu={'true' if args.cpu else 'false'}",
             "dataset.num_samples=2000", "log.progress=false", "discriminator.regularizer.name=sn"])
         monitor = SpectralMonitor(SpectralSection(every=args.every), run_dir)
-        trainer = Trainer(recipe, run_dir, make_accelerator(recipe), callbacks=[monitor])
+        trainer = build_trainer(recipe, run_dir, make_accelerator(recipe), callbacks=[monitor])
         monitor.on_start(trainer)  # records iteration 0 (also warms the SVD code up)
         trainer.train_iteration()  # warm-up
         t_iter, iters = median_time(trainer.train_iteration, args.iterations)

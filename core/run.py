@@ -137,7 +137,7 @@ def train(args: argparse.Namespace) -> int:
 
     from core import checkpoint as ckpt
     from core.registry import get_registry
-    from core.train import Trainer, make_accelerator
+    from core.train import build_trainer, make_accelerator
 
     recipe, recipe_path, resume_dir = resolve_recipe(args)
     if args.dry_run:
@@ -155,7 +155,7 @@ def train(args: argparse.Namespace) -> int:
     evaluator = make_evaluator(recipe)
     from core.spectral import make_spectral_callbacks
 
-    trainer = Trainer(recipe, run_dir, accelerator,
+    trainer = build_trainer(recipe, run_dir, accelerator,
                       callbacks=make_spectral_callbacks(recipe, run_dir))
     if accelerator.is_main_process:
         write_run_files(run_dir, recipe, get_registry())

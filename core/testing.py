@@ -671,9 +671,9 @@ def _trainer_recipe(name: str, config: Any, **train: Any):
 
 
 def _trainer(recipe, run_dir: Path, callbacks=()):
-    from core.train import Trainer, make_accelerator
+    from core.train import build_trainer, make_accelerator
 
-    return Trainer(recipe, run_dir, make_accelerator(recipe), callbacks=list(callbacks))
+    return build_trainer(recipe, run_dir, make_accelerator(recipe), callbacks=list(callbacks))
 
 
 def _trainer_state(trainer) -> dict[str, torch.Tensor]:

@@ -79,6 +79,13 @@ def make_accelerator(recipe: Recipe):
                        mixed_precision=recipe.train.mixed_precision)
 
 
+def build_trainer(recipe: Recipe, run_dir: Path, accelerator=None,
+                  callbacks: list[TrainingCallback] | None = None) -> "Trainer":
+    """The :class:`Trainer` for ``recipe``: builds its components and hands the loop the sections
+    it uses."""
+    return Trainer(recipe, run_dir, accelerator, callbacks)
+
+
 class Trainer:
     """Trains one recipe into one run folder (every process builds one)."""
 

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from core.recipe import load_recipe
 from core.run import shutdown
-from core.train import Trainer, make_accelerator
+from core.train import build_trainer, make_accelerator
 
 
 def main() -> None:
@@ -27,7 +27,7 @@ def main() -> None:
         get_registry().add(_TestPlugin, Provider(name="tests.test_training"))
     recipe = load_recipe(recipe_path, sys.argv[3:])
     accelerator = make_accelerator(recipe)
-    trainer = Trainer(recipe, out / "run", accelerator)
+    trainer = build_trainer(recipe, out / "run", accelerator)
     trainer.fit()
     state = {}
     for key, model in trainer.models.items():

@@ -76,14 +76,14 @@ def test_accelerate_launch_multi_gpu_on_cpu_runs_two_processes_and_exits_0(tmp_p
 def test_ddp_with_accumulation_equals_one_big_batch_in_one_process(tmp_path, no_batch_stats_arch):
     """2 processes x 2 micro-batches of 4 == 1 process with the global batch of 16 at once."""
     from core.recipe import load_recipe
-    from core.train import Trainer, make_accelerator
+    from core.train import build_trainer, make_accelerator
     from test_training import state_of
 
     overrides = [*SMALL, "train.iterations=3", f"architecture.name={no_batch_stats_arch}",
                  "train.batch_size=16", "discriminator.regularizer.name=sr_static",
                  "discriminator.regularizer.every=1"]
     recipe = load_recipe(REPO / "zoo" / "quickstart.toml", overrides)
-    single = Trainer(recipe, tmp_path / "single", make_accelerator(recipe))
+    single = build_trainer(recipe, tmp_path / "single", make_accelerator(recipe))
     single.fit()
     reference = state_of(single)
     result = torchrun(["tests/ddp_worker.py", "zoo/quickstart.toml", str(tmp_path),

@@ -27,7 +27,7 @@ from core.spectral.measure import monitored_layers, reading_weights, singular_va
 from core.spectral.monitor import SpectralMonitor, make_spectral_callbacks, watched
 from core.spectral.store import SpectraFile, layers_of, make_record, read_spectra, truncate
 from core.spectral.switch import switch_discriminator_regularizer
-from core.train import Trainer, TrainingCallback, make_accelerator
+from core.train import Trainer, TrainingCallback, build_trainer, make_accelerator
 
 RECIPE = """
 seed = 3
@@ -67,7 +67,7 @@ def recipe_of(tmp_path, overrides=()):
 
 
 def trainer_of(recipe, run_dir, callbacks=()):
-    return Trainer(recipe, run_dir, make_accelerator(recipe), callbacks=list(callbacks))
+    return build_trainer(recipe, run_dir, make_accelerator(recipe), callbacks=list(callbacks))
 
 
 def records(run_dir, event):
@@ -603,14 +603,14 @@ from core.recipe import load_recipe
 from core.run import shutdown
 from core.spectral.config import SpectralSection
 from core.spectral.monitor import SpectralMonitor
-from core.train import Trainer, make_accelerator
+from core.train import build_trainer, make_accelerator
 
 out = Path(sys.argv[1])
 recipe = load_recipe(sys.argv[2], sys.argv[3:])
 acc = make_accelerator(recipe)
 config = SpectralSection(every=1, action="switch", switch_to={rescue!r})
 monitor = SpectralMonitor(config, out / "run")
-trainer = Trainer(recipe, out / "run", acc, callbacks=[DriveToRankOne("b4.c2", start=2), monitor])
+trainer = build_trainer(recipe, out / "run", acc, callbacks=[DriveToRankOne("b4.c2", start=2), monitor])
 trainer.fit()
 state = {{f"{{k}}.{{n}}": v.detach().cpu().clone().contiguous() for k, m in trainer.models.items()
          for n, v in trainer.unwrapped(m).state_dict().items()}}

@@ -23,7 +23,7 @@ from core.listing import format_plugins, plugin_table, print_plugins
 from core.registry import Provider, get_registry
 from core.recipe import structure_recipe
 from core.layers import weight_layers
-from core.train import Trainer, make_accelerator
+from core.train import build_trainer, make_accelerator
 
 EXAMPLE = REPO / "examples" / "specreg-orthogonal"
 
@@ -156,7 +156,7 @@ def _table(**networks) -> dict:
 def _gradients_at_the_optimizer_steps(table: dict, run_dir: Path) -> dict:
     """{network: {parameter: (value, gradient)}} as the optimizer sees them in iteration 1."""
     recipe = structure_recipe(table)
-    trainer = Trainer(recipe, run_dir, make_accelerator(recipe))
+    trainer = build_trainer(recipe, run_dir, make_accelerator(recipe))
     assert trainer.plan.accumulation == 2  # two micro-batches per step
     seen: dict = {}
     for key, opt in trainer.optimizers.items():

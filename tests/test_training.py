@@ -16,7 +16,7 @@ from core.hookspecs import hookimpl
 from core.interfaces import Architecture
 from core.registry import Provider, get_registry
 from core.recipe import load_recipe
-from core.train import NonFiniteLossError, Trainer, TrainingCallback, make_accelerator
+from core.train import NonFiniteLossError, Trainer, TrainingCallback, build_trainer, make_accelerator
 
 RECIPE = """
 seed = 1
@@ -103,7 +103,7 @@ def write_recipe(tmp_path, arch="resnet32"):
 
 
 def make_trainer(recipe, run_dir, callbacks=None):
-    return Trainer(recipe, run_dir, make_accelerator(recipe), callbacks=callbacks)
+    return build_trainer(recipe, run_dir, make_accelerator(recipe), callbacks=callbacks)
 
 
 def state_of(trainer) -> dict[str, torch.Tensor]:
@@ -129,7 +129,7 @@ def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, no_batch_stats_
     for name in one:
         torch.testing.assert_close(many[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
     # and training really moved the weights (the comparison is not between two initial states)
-    init = Trainer(load_recipe(path), tmp_path / "init", make_accelerator(load_recipe(path)))
+    init = build_trainer(load_recipe(path), tmp_path / "init", make_accelerator(load_recipe(path)))
     moved = state_of(init)
     assert not torch.allclose(moved["discriminator.b1.c1.parametrizations.weight.original"],
                               one["discriminator.b1.c1.parametrizations.weight.original"])

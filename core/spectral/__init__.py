@@ -18,7 +18,7 @@ Plots: ``python -m core.plot RUN_DIR`` (:mod:`core.plot`).
 
     from core.spectral import make_spectral_callbacks
     callbacks = make_spectral_callbacks(recipe, run_dir)
-    trainer = Trainer(recipe, run_dir, accelerator, callbacks=callbacks)
+    trainer = build_trainer(recipe, run_dir, accelerator, callbacks=callbacks)
 """
 
 from core.spectral.config import SpectralSection

@@ -19,7 +19,7 @@ from the checkpoint. On resume, records past the checkpoint's iteration (a crash
 are dropped, so the record file has neither gaps nor duplicates.
 
     callbacks = make_spectral_callbacks(recipe, run_dir)
-    Trainer(recipe, run_dir, accelerator, callbacks=callbacks).fit()
+    build_trainer(recipe, run_dir, accelerator, callbacks=callbacks).fit()
 """
 
 from __future__ import annotations
