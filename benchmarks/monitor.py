@@ -28,8 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from core.recipe import load_recipe  # noqa: E402
-from core.spectral.config import SpectralSection  # noqa: E402
-from core.spectral.monitor import SpectralMonitor  # noqa: E402
+from plugins.callbacks.spectral_monitor import SpectralMonitor, SpectralSection  # noqa: E402
 from core.train import build_trainer, make_accelerator  # noqa: E402
 
 

@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.registry import get_registry
 from core.layers import weight_layers, weight_matrix
-from plugins.regularizers.sr import static_rank
+from core.registry import get_registry
 from core.svd import thin_svd
+from plugins.regularizers.sr import static_rank
 
 #: (regularizer, Config keyword arguments, mode label) of the D-step table; sn first.
 VARIANTS: list[tuple[str, dict, str]] = [

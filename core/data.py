@@ -9,6 +9,7 @@ continue exactly where a run stopped.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Iterator
 
 import attrs
@@ -100,3 +101,49 @@ class GlobalBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def __len__(self) -> int:  # DataLoader asks; the sampler is endless
         return 2**62
+
+
+# ---------------------------------------------------------------------------------------------
+# Dequantized real images (a dataset's ``dequantize``, :attr:`core.interfaces.Dataset.dequantize`)
+# ---------------------------------------------------------------------------------------------
+
+#: the width of the dequantization noise: one step of ``p / 128``.
+DEQUANTIZATION_STEP = 1.0 / 128
+
+
+def micro_batch_places(plan: BatchPlan, rank: int, micro: int) -> range:
+    """The places, within their global batch, of the items :class:`GlobalBatchSampler` hands
+    process ``rank`` as its micro-batch ``micro`` (0 .. accumulation - 1)."""
+    start = rank * plan.per_process + micro * plan.micro_batch
+    return range(start, start + plan.micro_batch)
+
+
+def _place_seed(seed: int, position: int, place: int) -> int:
+    digest = hashlib.blake2b(f"dequantize:{seed}:{position}:{place}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "little")
+
+
+def dequantization_noise(seed: int, position: int, places: range,
+                         shape: tuple[int, ...]) -> torch.Tensor:
+    """``float32 [len(places), *shape]`` of ``U(0, 1/128)``: the item at place ``j`` of global
+    batch ``position`` gets the noise of a generator seeded by ``(seed, position, j)``.
+
+    Drawn per place rather than in the dataset, because a place of a global batch is one
+    (epoch, image) pair the items do not know: every image gets new noise in every epoch (as
+    ``np.random.uniform`` in the Chainer loaders), yet the noise of an item does not depend on
+    the number of processes, micro-batches or DataLoader workers, and a run resumed at
+    ``position`` draws exactly what the straight run drew.
+    """
+    noise = torch.empty((len(places), *shape))
+    for i, place in enumerate(places):
+        generator = torch.Generator().manual_seed(_place_seed(seed, position, place))
+        noise[i] = torch.rand(shape, generator=generator)
+    return noise.mul_(DEQUANTIZATION_STEP)
+
+
+def dequantized(images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Items ``p / 127.5 - 1`` of 8-bit pixels ``p`` -> ``p / 128 - 1 + noise`` (the SN-GAN and SR
+    Chainer loaders: ``x / 128. - 1. + np.random.uniform(0, 1. / 128)``; ``p`` is recovered
+    exactly, so ``p / 128 - 1`` is too)."""
+    pixels = torch.round((images + 1.0) * 127.5)
+    return pixels / 128.0 - 1.0 + noise.to(device=images.device, dtype=images.dtype)

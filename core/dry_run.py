@@ -89,9 +89,8 @@ def dry_run(recipe, recipe_path: str, processes: int | None = None) -> str:
         f"checkpoints   every {recipe.checkpoint.every} iterations, keep {recipe.checkpoint.keep}",
         f"evaluation    every {recipe.eval.every} iterations: {metrics}"
         + (f"; best by {recipe.eval.best}" if recipe.eval.best else ""),
-        f"spectral      " + (f"record D's singular values every {recipe.spectral.every} "
-                             f"iterations; on collapse: {recipe.spectral.action}"
-                             if recipe.spectral.every else "off"),
+        "callbacks     " + ("; ".join(f"{name}{_settings(spec.config)}"
+                                       for name, spec in recipe.callbacks.items()) or "none"),
         f"dry run       one forward/backward at batch 2: loss_d {loss_d.item():.4f}, "
         f"loss_g {loss_g.item():.4f} - OK",
     ]

@@ -1,4 +1,4 @@
-"""The whole plugin API: five hooks, each handed a ``register(name, cls)`` callback.
+"""The whole plugin API: six hooks, each handed a ``register(name, cls)`` callback.
 
 A plugin module (built-in or from a third-party package's ``specreg`` entry point) implements
 any of them::
@@ -48,3 +48,9 @@ def register_metrics(register: Register) -> None:
 @hookspec
 def register_datasets(register: Register) -> None:
     """Register :class:`core.interfaces.Dataset` subclasses."""
+
+
+@hookspec
+def register_callbacks(register: Register) -> None:
+    """Register :class:`core.interfaces.Callback` subclasses (training-loop hooks), selected by
+    ``[callbacks.NAME]`` recipe tables: ``register("spectral", SpectralMonitor)``."""

@@ -5,9 +5,11 @@
     python -m core.prepare stl10 --resolution 48
 
 writes ``<root>/<dataset>/prepared_<split>_<R>.npy`` (uint8 [N, R, R, 3]), ``..._labels.npy`` and
-``prepared_<split>_<R>.json`` (the protocol: source, resolution, count, resize method, ...), see
-:mod:`plugins.datasets.prepared`. Several worker processes decode; each file is written under a
-temporary name and moved into place, so an interrupted run leaves nothing half-written behind.
+``prepared_<split>_<R>.json`` (the protocol: source, resolution, count, resize method, ...): the
+format of :mod:`core.prepared`. The dataset is found in the registry and writes its own array
+(:meth:`core.interfaces.Dataset.prepare`; the datasets with ``supports_prepare``). Several worker
+processes decode; each file is written under a temporary name and moved into place, so an
+interrupted run leaves nothing half-written behind.
 Training then reads the prepared array automatically (the dataset's ``prepared = true``, the
 default), bit-identical to decoding the files on the fly, without decoding a single JPEG.
 
@@ -35,12 +37,12 @@ DEFAULT_ROOT = Path("datasets")
 
 
 def preparable_datasets() -> dict[str, type]:
-    """Registered datasets that read image files (and so can be prepared): name -> class."""
+    """Registered datasets that can be prepared (``supports_prepare``): name -> class."""
     from core.registry import get_registry
-    from plugins.datasets.base import ImageDataset
 
     datasets = get_registry().datasets
-    return {name: cls for name, cls in sorted(datasets.items()) if issubclass(cls, ImageDataset)}
+    return {name: cls for name, cls in sorted(datasets.items())
+            if getattr(cls, "supports_prepare", False)}
 
 
 def _unknown_dataset(name: str, choices: dict[str, type]) -> SpecregError:
@@ -98,35 +100,15 @@ def prepare(dataset: str, resolution: int | None = None, root: Path = DEFAULT_RO
             split: str = "train", workers: int | None = None, settings: Sequence[str] = (),
             force: bool = False, progress: bool = True) -> dict[str, Any]:
     """Write the prepared array of ``dataset`` (unless an up-to-date one exists); return its meta."""
-    import torchvision
-
-    from plugins.datasets.prepared import PreparedMismatchError, check_protocol, write_prepared
+    from core.registry import get_registry
 
     choices = preparable_datasets()
     if dataset not in choices:
         raise _unknown_dataset(dataset, choices)
-    plugin = choices[dataset](make_config(choices[dataset], resolution, settings))
-    plugin.check_config(split)
-    root = Path(root)
-    files = plugin.prepared_files(root, split)
-    protocol = plugin.protocol(split)
-    if files.complete() and not force:
-        try:
-            meta = check_protocol(files, protocol, dataset)
-            print(f"{files.images} is already prepared ({meta['count']} images); "
-                  f"--force writes it again", file=sys.stderr)
-            return meta
-        except PreparedMismatchError as exc:
-            print(f"replacing {files.images}: {str(exc).splitlines()[1].strip()}",
-                  file=sys.stderr)
-    source = plugin.source(root, split)
-    extra = {"source": str(plugin.data_folder(root)),
-             "reader": f"{type(source.images).__module__}.{type(source.images).__qualname__}",
-             "classes": list(source.classes), "torchvision": torchvision.__version__}
+    config = make_config(choices[dataset], resolution, settings)
+    plugin = get_registry().create("datasets", dataset, config)
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
-    return write_prepared(source, files, {**protocol, **extra}, plugin.resolution,
-                          workers=workers, progress=progress,
-                          description=f"{dataset} {split} {plugin.resolution}px")
+    return plugin.prepare(Path(root), split, workers=workers, force=force, progress=progress)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,8 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     r = meta["resolution"]
     size = meta["count"] * r * r * 3 / 2**20
+    where = Path(meta.get("source", args.root)) / meta.get("images", "")
     print(f"{args.dataset} {args.split}: {meta['count']} images, {r}x{r}, {size:.1f} MiB in "
-          f"{Path(meta['source']) / meta['images']}")
+          f"{where}")
     return 0
 
 

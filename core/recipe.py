@@ -8,6 +8,14 @@ Every problem is reported at once, one line each, with the file the key came fro
     zoo/x.toml: unknown key 'fracton' (did you mean 'fraction'?) at discriminator.regularizer
 
     recipe = load_recipe("zoo/quickstart.toml", overrides=["train.iterations=10"])
+
+Training callbacks are tables keyed by their plugin name, ``[callbacks.spectral] every = 500``
+(``--set callbacks.spectral.every=100``); a callback whose class is ``default_enabled`` (the
+spectral monitor) is added with its default Config when a recipe does not list it.
+
+Tables that moved keep working: :data:`MOVED_TABLES` maps an old top-level table to where it lives
+now, and every file (and every ``--set`` key) is read through it before anything else, so an old
+run folder's ``recipe.toml`` with a ``[spectral]`` table loads as ``[callbacks.spectral]``.
 """
 
 from __future__ import annotations
@@ -20,11 +28,11 @@ from typing import Any, ClassVar, Literal
 
 import attrs
 import cattrs
-from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+from cattrs.errors import (ClassValidationError, ForbiddenExtraKeysError, IterableValidationError,
+                           IterableValidationNote)
 
 from core.errors import SpecregError
 from core.registry import UnknownPluginError, get_registry
-from core.spectral import SpectralSection
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -78,6 +86,27 @@ class DatasetSpec(PluginSpec):
     kind = "datasets"
 
 
+class CallbackSpec(PluginSpec):
+    """A ``[callbacks.NAME]`` table: ``name`` is the table's key, its keys the callback's Config."""
+
+    kind = "callbacks"
+
+
+#: the ``callbacks`` section: plugin name -> its spec, in the recipe's order.
+Callbacks = dict[str, CallbackSpec]
+
+
+def with_default_callbacks(callbacks: Callbacks) -> Callbacks:
+    """``callbacks`` plus every registered callback that is ``default_enabled`` and not listed
+    (with its default Config), after the listed ones in registry order."""
+    out = dict(callbacks)
+    kind = get_registry().kinds[CallbackSpec.kind]
+    for name, cls in kind.items():
+        if getattr(cls, "default_enabled", False) and name not in out:
+            out[name] = CallbackSpec(name=name, config=cls.Config())
+    return out
+
+
 @attrs.define
 class NetworkSection:
     #: the regularizer applied to this network's layers (none when omitted).
@@ -117,6 +146,11 @@ class CheckpointSection:
     keep: int = 3
 
 
+#: "jsonl" (ours) and the experiment trackers of Accelerate (``accelerate.tracking``).
+TrackerName = Literal["jsonl", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml",
+                      "dvclive", "swanlab", "trackio"]
+
+
 @attrs.define
 class LogSection:
     #: write losses to the metrics log and TensorBoard every this many iterations.
@@ -127,6 +161,8 @@ class LogSection:
     grid_size: int = 64
     #: show a progress bar on the main process.
     progress: bool = True
+    #: where metrics go (core/tracking.py): "jsonl" (RUN/metrics.jsonl) and Accelerate's trackers.
+    trackers: list[TrackerName] = attrs.Factory(lambda: ["jsonl", "tensorboard"])
 
 
 @attrs.define
@@ -166,8 +202,9 @@ class Recipe:
     log: LogSection = attrs.Factory(LogSection)
     eval: EvalSection = attrs.Factory(EvalSection)
     run: RunSection = attrs.Factory(RunSection)
-    #: the spectral monitor (recording, summaries, collapse alarm): core/spectral/.
-    spectral: SpectralSection = attrs.Factory(SpectralSection)
+    #: ``[callbacks.NAME]`` tables: training callbacks by plugin name, each table its Config
+    #: (the built-in ``spectral`` monitor is there by default).
+    callbacks: Callbacks = attrs.Factory(lambda: with_default_callbacks({}))
     seed: int = 0
     #: the data root: downloaded and prepared datasets live below it.
     data_root: str = "datasets"
@@ -248,6 +285,34 @@ def make_converter() -> cattrs.Converter:
 
     conv.register_unstructure_hook_func(
         lambda t: isinstance(t, type) and issubclass(t, PluginSpec), unstructure_spec)
+
+    def structure_callbacks(data: Any, _type) -> Callbacks:
+        if not isinstance(data, dict):
+            raise _TypeMismatch("a table of [callbacks.NAME] tables", data)
+        kind = get_registry().kinds[CallbackSpec.kind]
+        specs, problems = {}, []
+        for name, table in data.items():
+            try:
+                if not isinstance(table, dict):
+                    raise _TypeMismatch(f"a table (the settings of callback '{name}')", table)
+                try:
+                    plugin = kind[name]
+                except UnknownPluginError as exc:
+                    raise _PluginNameError(str(exc)) from None
+                specs[name] = CallbackSpec(name=name, config=conv.structure(table, plugin.Config))
+            except Exception as exc:  # noqa: BLE001 - collected, one line each
+                exc.__notes__ = [*getattr(exc, "__notes__", []), IterableValidationNote(
+                    f"Structuring callback @ key {name!r}", name, getattr(
+                        kind._classes.get(name), "Config", None))]
+                problems.append(exc)
+        if problems:
+            raise IterableValidationError("while structuring callbacks", problems, Callbacks)
+        return with_default_callbacks(specs)
+
+    conv.register_structure_hook_func(lambda t: t == Callbacks, structure_callbacks)
+    conv.register_unstructure_hook_func(
+        lambda t: t == Callbacks,
+        lambda specs: {name: conv.unstructure(spec.config) or {} for name, spec in specs.items()})
     return conv
 
 
@@ -259,6 +324,39 @@ converter = make_converter()
 # ---------------------------------------------------------------------------------------------
 
 Origins = dict[tuple[str, ...], str]
+
+#: top-level tables that moved: old key -> where the table lives now. Each recipe file and each
+#: ``--set`` key is read through it, so old recipes (an old run folder's ``recipe.toml``) load.
+MOVED_TABLES: dict[str, tuple[str, ...]] = {
+    # the spectral monitor became the built-in callback ``spectral`` (a plugin, not a section)
+    "spectral": ("callbacks", "spectral"),
+}
+
+
+def _move_tables(data: dict, shown: str) -> dict:
+    """``data`` with each old table of :data:`MOVED_TABLES` moved to its new place."""
+    for old, new in MOVED_TABLES.items():
+        if old not in data:
+            continue
+        node = data
+        for key in new[:-1]:
+            child = node.get(key, {})
+            if not isinstance(child, dict):
+                raise RecipeError([f"{shown}: [{old}] moved to [{'.'.join(new)}], but "
+                                   f"{key} is not a table"])
+            node[key] = node = dict(child)  # a copy: the caller's table stays as it was
+        if new[-1] in node:
+            raise RecipeError([f"{shown}: both [{old}] and [{'.'.join(new)}]: [{old}] is the "
+                               f"old name of [{'.'.join(new)}]; keep one"])
+        node[new[-1]] = data.pop(old)
+    return data
+
+
+def _moved_key(key_path: tuple[str, ...]) -> tuple[str, ...]:
+    """An override's key path through :data:`MOVED_TABLES` (``spectral.every`` ->
+    ``callbacks.spectral.every``)."""
+    new = MOVED_TABLES.get(key_path[0]) if key_path else None
+    return (*new, *key_path[1:]) if new is not None else key_path
 
 
 def _read_toml(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, Origins]:
@@ -274,6 +372,7 @@ def _read_toml(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, Origins]
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError([f"{shown}: not valid TOML: {exc}"]) from None
+    data = _move_tables(data, shown)
     base_name = data.pop("extends", None)
     own = _origins(data, shown)
     if base_name is None:
@@ -350,7 +449,7 @@ def resolve_table(path: str | Path, overrides: list[str] = ()) -> tuple[dict, Or
     table, origins = _read_toml(Path(path))
     for text in overrides:
         key_path, value = parse_override(text)
-        _assign(table, origins, key_path, value, f"--set {text}")
+        _assign(table, origins, _moved_key(key_path), value, f"--set {text}")
     return table, origins
 
 
@@ -364,6 +463,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 def structure_recipe(table: dict, origins: Origins | None = None,
                      default_origin: str = "recipe") -> Recipe:
     origins = origins or {}
+    table = _move_tables(dict(table), default_origin)
     try:
         return converter.structure(table, Recipe)
     except Exception as exc:  # noqa: BLE001 - every structuring problem becomes a line
@@ -428,7 +528,7 @@ def _describe(exc: BaseException, path: tuple[str, ...], cls: Any, origins: Orig
         fields = _field_names(exc.cl)
         for key in sorted(exc.extra_fields):
             valid = [f for f in fields if f != "config"]
-            if _is_spec_config(exc.cl):
+            if _is_spec_config(exc.cl) and path[:1] != ("callbacks",):  # keyed by name there
                 valid = ["name", *valid]
             close = difflib.get_close_matches(key, valid, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else \

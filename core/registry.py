@@ -1,14 +1,22 @@
 """The plugin registry: built-ins and third-party packages, through the same pluggy hooks.
 
-Loading order (STYLE.md): every module of the built-in ``plugins`` package is registered by
-import path, then each entry point of group ``specreg`` is loaded on its own. A broken entry point
+Loading order (STYLE.md): every module of the built-in package (:data:`BUILTIN_PACKAGE`,
+``plugins``) is imported by its dotted path and registered, then each entry point of group
+``specreg`` is loaded on its own. Nothing in ``core`` imports ``plugins`` otherwise: the
+built-ins are reached through this registry only, at run time. A broken entry point
 prints a warning naming its distribution and the error, and the others keep working;
 ``SPECREG_STRICT_PLUGINS=1`` makes it an error. Two plugins registering one name is an error
 naming both providers.
 
+Registering never touches a plugin class: the name lives on the instance.
+:meth:`Registry.create` sets ``plugin.name`` to the name asked for (one class registered under
+two names gives instances reporting each), and :meth:`Registry.name_of` answers which name a
+class was registered under.
+
     from core.registry import get_registry
     reg = get_registry()
     Sn = reg.regularizers["sn"]
+    sn = reg.create("regularizers", "sn")         # sn.name == "sn"
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.metadata as metadata
+import inspect
 import os
 import pkgutil
 import sys
@@ -27,10 +36,13 @@ import pluggy
 
 from core import hookspecs
 from core.errors import SpecregError
-from core.interfaces import PLUGIN_KINDS, Plugin
+from core.interfaces import PLUGIN_KINDS, REGISTERED_NAMES, Plugin
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT
 STRICT_ENV = "SPECREG_STRICT_PLUGINS"
+#: the package whose modules are the built-in plugins, imported by name (never by an import
+#: statement in core: core does not depend on plugins).
+BUILTIN_PACKAGE = "plugins"
 
 
 class PluginError(SpecregError):
@@ -64,7 +76,7 @@ class Provider:
 
 
 SINGULAR = {"regularizers": "regularizer", "architectures": "architecture", "losses": "loss",
-            "metrics": "metric", "datasets": "dataset"}
+            "metrics": "metric", "datasets": "dataset", "callbacks": "callback"}
 
 
 class Kind(Mapping[str, type]):
@@ -126,8 +138,8 @@ class Registry:
                 other = table.providers[name]
                 raise DuplicatePluginError(f"duplicate {SINGULAR[kind]} name '{name}': registered by "
                                   f"{other.label} and by {provider.label}")
-            cls.name = name
             table._classes[name] = cls
+            REGISTERED_NAMES.setdefault(cls, name)  # a directly made instance's name
             table.providers[name] = provider
             provider.registered.setdefault(kind, []).append(name)
 
@@ -149,8 +161,13 @@ class Registry:
         """Unregister everything ``provider`` registered (tests register plugins temporarily)."""
         for kind, names in provider.registered.items():
             for n in names:
-                self.kinds[kind]._classes.pop(n, None)
+                cls = self.kinds[kind]._classes.pop(n, None)
                 self.kinds[kind].providers.pop(n, None)
+                if cls is not None and REGISTERED_NAMES.get(cls) == n:
+                    del REGISTERED_NAMES[cls]
+                    other = self.name_of(cls)
+                    if other is not None:
+                        REGISTERED_NAMES[cls] = other
         provider.registered = {}
         name = f"{provider.distribution}:{provider.name}"
         if self.plugin_manager.get_plugin(name) is not None:
@@ -159,9 +176,8 @@ class Registry:
             self.providers.remove(provider)
 
     def load_builtins(self) -> None:
-        import plugins as builtin_package
-
-        for info in sorted(pkgutil.walk_packages(builtin_package.__path__, "plugins."),
+        builtin_package = importlib.import_module(BUILTIN_PACKAGE)
+        for info in sorted(pkgutil.walk_packages(builtin_package.__path__, f"{BUILTIN_PACKAGE}."),
                            key=lambda i: i.name):
             module = importlib.import_module(info.name)
             if _has_hookimpls(module):
@@ -191,7 +207,29 @@ class Registry:
     # -- use -----------------------------------------------------------------------------------
 
     def create(self, kind: str, name: str, config: Any | None = None) -> Plugin:
-        return self.kinds[kind][name](config)
+        """An instance of the plugin registered as ``name``, its ``.name`` set to ``name``."""
+        cls = self.kinds[kind][name]
+        if _takes_name(cls):
+            return cls(config, name=name)
+        plugin = cls(config)  # an __init__ of the older signature (config only)
+        plugin.name = name
+        return plugin
+
+    def name_of(self, cls: type, kind: str | None = None) -> str | None:
+        """The first name ``cls`` itself (not a base of it) is registered under, or None."""
+        for k in [kind] if kind is not None else list(self.kinds):
+            for name, registered in self.kinds[k]._classes.items():
+                if registered is cls:
+                    return name
+        return None
+
+
+def _takes_name(cls: type) -> bool:
+    try:
+        parameters = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "name" or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def _has_hookimpls(module: ModuleType) -> bool:

@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from core.errors import SpecregError
-
-RECIPE_FILE = "recipe.toml"
+from core.run_folder import RECIPE_FILE
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -110,7 +109,8 @@ def plugin_versions(recipe, registry) -> dict:
     specs = [("datasets", recipe.dataset), ("architectures", recipe.architecture),
              ("losses", recipe.loss), ("regularizers", recipe.discriminator.regularizer),
              ("regularizers", recipe.generator.regularizer),
-             *[("metrics", m) for m in recipe.eval.metrics]]
+             *[("metrics", m) for m in recipe.eval.metrics],
+             *[("callbacks", c) for c in recipe.callbacks.values()]]
     used = {}
     for kind, spec in specs:
         if spec is None:
@@ -153,10 +153,7 @@ def train(args: argparse.Namespace) -> int:
     from core.eval.during_training import make_evaluator
 
     evaluator = make_evaluator(recipe)
-    from core.spectral import make_spectral_callbacks
-
-    trainer = build_trainer(recipe, run_dir, accelerator,
-                      callbacks=make_spectral_callbacks(recipe, run_dir))
+    trainer = build_trainer(recipe, run_dir, accelerator)  # with the recipe's callbacks
     if accelerator.is_main_process:
         write_run_files(run_dir, recipe, get_registry())
     accelerator.wait_for_everyone()
@@ -170,27 +167,11 @@ def train(args: argparse.Namespace) -> int:
         print(f"run folder: {run_dir}")
         print(f"batch: {trainer.plan.describe()}")
     trainer.fit(evaluate=evaluator)
-    if accelerator.is_main_process and recipe.spectral.every:
-        write_spectral_plots(run_dir)
     if accelerator.is_main_process:
         print(f"done: {trainer.iteration} iterations; run folder {run_dir} "
               f"(last checkpoint {trainer.last_checkpoint.name if trainer.last_checkpoint else '-'})")
     accelerator.wait_for_everyone()
     return 0
-
-
-def write_spectral_plots(run_dir: Path) -> None:
-    """The spectral monitor's figures into RUN/plots at the end of a run (main process)."""
-    from core.plot import plot_run
-    from core.spectral.history import RunHistory
-
-    try:
-        written = plot_run(RunHistory.load(run_dir), run_dir / "plots")
-    except SpecregError as exc:  # e.g. no record: the run still succeeded
-        print(f"specreg: no spectral plots: {exc}", file=sys.stderr)
-        return
-    print(f"spectral plots: {len(written)} PNGs in {run_dir / 'plots'} "
-          f"(redraw any time: python -m core.plot {run_dir})")
 
 
 def shutdown(code: int) -> None:

@@ -1,17 +1,25 @@
-"""Fast exact thin SVD of weight matrices, and re-weighting of their spectrum (SPEC §2.3).
+"""Fast exact singular values and thin SVD of weight matrices, and re-weighting of their
+spectrum (SPEC §2.3): the one SVD module of specreg, used by spectral regularization
+(:mod:`plugins.regularizers.sr`) and by the spectral monitor (:mod:`core.spectral.measure`).
 
 Spectral regularization (Liu et al. 2019, eq. 9-10) needs an exact SVD of every layer's weight
-matrix. The authors' code calls a full SVD on the CPU; for the wide matrices of a discriminator
-(up to 1024 x 9216 for ``resnet128``) that is slow, because LAPACK also builds the huge square
-``V``. Here a matrix ``A`` (``m x n``, ``r = min(m, n)``) is decomposed through its small Gram
-matrix ``A A^T`` (or ``A^T A`` when tall), formed and diagonalised in float64::
+matrix, and the monitor records "all singular values of W_SN(W)" (Sec. II-C). The authors' code
+calls a full SVD on the CPU; for the wide matrices of a discriminator (up to 1024 x 9216 for
+``resnet128``) that is slow, because LAPACK also builds the huge square ``V``. Here a matrix
+``A`` (``m x n``, ``r = min(m, n)``) is decomposed through its small Gram matrix ``A A^T`` (or
+``A^T A`` when tall), formed and diagonalised in float64::
 
     A A^T = U diag(s^2) U^T        (eigh, r x r)       V = A^T U diag(1/s)
 
-Squaring the matrix squares its condition number, so the Gram route is only trusted for the
-singular triplets that matter with ``s_k >= RELIABLE * s_1`` (float64 leaves those to ~1e-8
-relative); a request that involves a smaller singular value (a rank-deficient or collapsed
-spectrum) falls back to LAPACK's thin SVD of the tall orientation, which is exact everywhere.
+**The trust threshold.** Squaring the matrix squares its condition number: the Gram matrix's
+eigenvalues carry an absolute error of about ``r * eps * s_1^2`` (``eps = 2.2e-16``), so a
+singular value ``s_k`` computed this way is off by about ``r * eps / (2 (s_k / s_1)^2)``
+relative. The Gram route is trusted for ``s_k >= TRUSTED * s_1`` only (``TRUSTED = 1e-3``: at
+most ~1e-7 relative for the widest ``r = 1024`` of our architectures, the rounding of the float32
+that weights and spectra records hold, and typically far less). Whenever a value that is asked for
+is smaller (a rank-deficient or collapsed spectrum), LAPACK's SVD of the tall orientation is used
+instead, exact everywhere. Both users apply this one rule: :func:`singular_values` (the monitor:
+every value is asked for) and :class:`ThinSVD` (SR: only the directions it re-weights).
 
 Re-weighting a spectrum never needs ``V`` itself: ``U diag(s') V^T = M A`` with the small
 ``M = U diag(s'/s) U^T``, and only the singular directions whose ratio ``s'_k/s_k`` differs from
@@ -21,17 +29,20 @@ the common factor ``alpha`` enter ``M``::
     new = dec.S.clone(); new[:i] = dec.S[0]       # static compensation, SPEC §2.1
     W.copy_(dec.respectrum(new / dec.S[0], alpha=1 / dec.S[0]).reshape_as(W))
 
-Used by both ``mode``s of ``sr_static``/``sr_dynamic`` (:mod:`plugins.regularizers.sr`).
+    s = singular_values(weight_matrix(W))         # every value, float64, descending (CPU)
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["ThinSVD", "thin_svd", "svd", "RELIABLE"]
+__all__ = ["ThinSVD", "thin_svd", "svd", "singular_values", "TRUSTED"]
 
-#: singular values below ``RELIABLE * s_1`` are not trusted to the Gram route (LAPACK instead).
-RELIABLE = 1e-4
+#: the Gram route is trusted for singular values ``s_k >= TRUSTED * s_1``; LAPACK for smaller ones
+#: (see the module docstring for the error bound behind this value).
+TRUSTED = 1e-3
 #: directions whose coefficient is below this (relative to the output's scale) are skipped.
 _SKIP = 1e-7
 #: the final product runs in float32 only while its rounding is amplified by at most this.
@@ -58,12 +69,44 @@ def _gram(a64: torch.Tensor) -> torch.Tensor:
     return gram
 
 
+def _trusted(values: torch.Tensor, indices: torch.Tensor | None = None) -> bool:
+    """Whether the Gram route's ``values`` (descending) may be used at ``indices`` (default: all):
+    every one of them ``>= TRUSTED * s_1``, and ``s_1 > 0``."""
+    if len(values) == 0 or (indices is not None and len(indices) == 0):
+        return True
+    s1 = values[0]
+    chosen = values if indices is None else values[indices]
+    return bool(s1 > 0) and not bool((chosen < TRUSTED * s1).any())
+
+
+def singular_values(matrix: torch.Tensor) -> torch.Tensor:
+    """All singular values of a 2-D tensor, descending, float64 on the CPU, exact (the module's
+    trust rule); NaN everywhere if the matrix holds a non-finite value.
+
+    The Gram product runs on the matrix's device, its ``eigvalsh`` (``r x r``) on the CPU; several
+    times faster than an SVD of the wide matrix. A spectrum reaching below ``TRUSTED * s_1``
+    (a collapsed layer) is recomputed by LAPACK's ``svdvals``.
+    """
+    if matrix.ndim != 2:
+        raise ValueError(f"singular_values needs a matrix, got shape {tuple(matrix.shape)}")
+    a = matrix.detach().to(torch.float64)
+    small = a if a.shape[0] <= a.shape[1] else a.mT
+    if small.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.float64)
+    if not bool(torch.isfinite(small).all()):
+        return torch.full((small.shape[0],), math.nan, dtype=torch.float64)
+    values = torch.linalg.eigvalsh(_gram(small).cpu(), UPLO="U").flip(0).clamp_min(0).sqrt()
+    if _trusted(values):
+        return values
+    return torch.linalg.svdvals(small.cpu())
+
+
 class ThinSVD:
     """``A = U diag(S) V^T`` of a 2-D tensor ``A`` (``U [m, r]``, ``S [r]`` descending,
     ``V [n, r]``, all float64 on ``A``'s device), computed lazily and exactly (see module doc).
 
     ``U``/``S``/``V`` come from the Gram matrix; :meth:`exact` switches to LAPACK's thin SVD
-    (done automatically when a caller needs a direction with ``s_k < RELIABLE * s_1``).
+    (done automatically when a caller needs a direction with ``s_k < TRUSTED * s_1``).
     """
 
     def __init__(self, matrix: torch.Tensor) -> None:
@@ -115,10 +158,7 @@ class ThinSVD:
 
     def _ensure_reliable(self, indices: torch.Tensor) -> None:
         """Switch to LAPACK if any of these singular values is too small for the Gram route."""
-        if self.is_exact or len(indices) == 0:
-            return
-        s1 = self.S[0]
-        if s1 <= 0 or bool((self.S[indices] < RELIABLE * s1).any()):
+        if not self.is_exact and not _trusted(self.S, indices):
             self.exact()
 
     def triplets(self, indices: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor,

@@ -11,7 +11,15 @@ that k micro-batches are exactly one batch k times as large:
 - real and fake images go through D in one forward pass.
 
 After each optimizer step the network's regularizer gets ``after_step`` (SR's projection, SPEC
-§2.3). Used by :mod:`core.run`; tests drive :class:`Trainer` directly.
+§2.3). Training callbacks (:class:`core.interfaces.Callback`: the spectral monitor, a user's own)
+hook into the loop at its start, after each iteration and at its end.
+
+:class:`Trainer` takes its components and settings as explicit arguments (as NVlabs/edm's
+``training_loop``); :func:`build_trainer` builds them from a recipe, the way :mod:`core.run` and
+the tests make a trainer::
+
+    trainer = build_trainer(load_recipe("zoo/quickstart.toml"), Path("runs/x"))
+    trainer.fit()
 """
 
 from __future__ import annotations
@@ -26,12 +34,13 @@ import torch
 from torch import nn
 
 from core import checkpoint as ckpt
-from core.data import BatchPlan, GlobalBatchSampler
+from core.data import (BatchPlan, GlobalBatchSampler, dequantization_noise, dequantized,
+                       micro_batch_places)
 from core.errors import SpecregError
-from core.interfaces import Architecture, Loss, Regularizer
+from core.interfaces import Architecture, Callback, Dataset, Loss, Regularizer
 from core.tracking import RunLog
-from core.recipe import Recipe
-from core.layers import frozen_state, regularized_layers
+from core.recipe import CheckpointSection, LogSection, Recipe, TrainSection
+from core.layers import frozen_state
 
 
 class NonFiniteLossError(SpecregError):
@@ -40,19 +49,8 @@ class NonFiniteLossError(SpecregError):
     exit_code = 1
 
 
-class TrainingCallback:
-    """Hooks into the loop (the spectral monitor is one). Methods are no-ops by default."""
-
-    def on_start(self, trainer: "Trainer") -> None: ...
-
-    def on_iteration_end(self, trainer: "Trainer", iteration: int) -> None: ...
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-    def on_end(self, trainer: "Trainer") -> None: ...
+#: the training-callback plugin kind under its earlier name (callbacks subclass either).
+TrainingCallback = Callback
 
 
 def build_models(recipe: Recipe) -> tuple[Architecture, nn.Module, nn.Module,
@@ -71,56 +69,125 @@ def build_models(recipe: Recipe) -> tuple[Architecture, nn.Module, nn.Module,
 
 
 def make_accelerator(recipe: Recipe):
+    """The Accelerator of ``recipe``'s ``[train]`` section (``cpu``, ``mixed_precision``)."""
+    return _accelerator(recipe.train)
+
+
+def _accelerator(train: TrainSection):
     from accelerate import Accelerator
 
     # DDP's defaults broadcast buffers (power-iteration vectors, BatchNorm statistics) from
     # process 0 at every forward pass
-    return Accelerator(cpu=recipe.train.cpu or not torch.cuda.is_available(),
-                       mixed_precision=recipe.train.mixed_precision)
+    return Accelerator(cpu=train.cpu or not torch.cuda.is_available(),
+                       mixed_precision=train.mixed_precision)
 
 
 def build_trainer(recipe: Recipe, run_dir: Path, accelerator=None,
-                  callbacks: list[TrainingCallback] | None = None) -> "Trainer":
+                  callbacks: list[Callback] | None = None) -> "Trainer":
     """The :class:`Trainer` for ``recipe``: builds its components and hands the loop the sections
-    it uses."""
-    return Trainer(recipe, run_dir, accelerator, callbacks)
+    it uses. ``callbacks=None`` gives the recipe's ``[callbacks.NAME]`` (default-enabled ones
+    included) from the registry; a list is used as it is (``[]``: none)."""
+    acc = accelerator or make_accelerator(recipe)
+    t = recipe.train
+    # the batch arithmetic and the data are checked before anything is written (exit 2, no
+    # run folder)
+    BatchPlan.derive(t.batch_size, acc.num_processes, t.micro_batch_size, t.g_batch_multiplier)
+    if callbacks is None:
+        callbacks = [spec.create() for spec in recipe.callbacks.values()]
+    torch.manual_seed(recipe.seed)  # model initialization is identical on every process
+    architecture, G, D, d_reg, g_reg = build_models(recipe)
+    loss = recipe.loss.create()
+    dataset_plugin = recipe.dataset.create()
+    with acc.main_process_first():  # one process downloads, the others then read
+        dataset = dataset_plugin.build(Path(recipe.data_root), "train")
+    return Trainer(architecture=architecture, generator=G, discriminator=D, loss=loss,
+                   dataset=dataset, dataset_plugin=dataset_plugin, d_regularizer=d_reg,
+                   g_regularizer=g_reg, train=recipe.train, log=recipe.log,
+                   checkpoint=recipe.checkpoint, eval_every=recipe.eval.every, seed=recipe.seed,
+                   run_dir=run_dir, accelerator=acc, callbacks=callbacks)
 
 
 class Trainer:
-    """Trains one recipe into one run folder (every process builds one)."""
+    """Trains G and D into one run folder (every process builds one).
 
-    def __init__(self, recipe: Recipe, run_dir: Path, accelerator=None,
-                 callbacks: list[TrainingCallback] | None = None) -> None:
-        self.recipe = recipe
+    Args:
+        architecture: the :class:`core.interfaces.Architecture` the networks come from (latent
+            size, classes; a regularizer switch rebuilds D from it).
+        generator: G, its regularizer (if any) already applied.
+        discriminator: D, likewise.
+        loss: the adversarial :class:`core.interfaces.Loss`.
+        dataset: the built torch dataset of ``(image in [-1, 1], label)`` items.
+        dataset_plugin: the :class:`core.interfaces.Dataset` that built it (its ``dequantize``;
+            evaluation uses it).
+        d_regularizer: the regularizer applied to D, or None: its ``loss_term`` joins D's loss,
+            its ``after_step`` follows D's optimizer steps.
+        g_regularizer: likewise for G.
+        train: ``[train]``: iterations, batch, n_critic, learning rates, betas, decay, workers.
+        log: ``[log]``: loss-logging and sample-grid intervals, grid size, progress bar,
+            trackers.
+        checkpoint: ``[checkpoint]``: interval (iterations) and how many to keep.
+        eval_every: evaluate every this many iterations (0 = only at the end), when
+            :meth:`fit` is given an ``evaluate``.
+        seed: latents, fake labels, data order and sample grid derive from it.
+        run_dir: the run folder (metrics, samples, checkpoints).
+        accelerator: an ``accelerate.Accelerator`` (default: one from ``train``); G, D and their
+            optimizers are prepared by it here.
+        callbacks: :class:`core.interfaces.Callback` instances, run in this order.
+    """
+
+    def __init__(self, *, architecture: Architecture, generator: nn.Module,
+                 discriminator: nn.Module, loss: Loss, dataset: torch.utils.data.Dataset,
+                 dataset_plugin: Dataset, d_regularizer: Regularizer | None = None,
+                 g_regularizer: Regularizer | None = None, train: TrainSection,
+                 log: LogSection, checkpoint: CheckpointSection, eval_every: int = 0,
+                 seed: int = 0, run_dir: Path, accelerator=None,
+                 callbacks: list[Callback] | tuple[Callback, ...] = ()) -> None:
         self.run_dir = Path(run_dir)
-        self.acc = accelerator or make_accelerator(recipe)
-        self.callbacks = list(callbacks or [])
-        t = recipe.train
-        self.plan = BatchPlan.derive(t.batch_size, self.acc.num_processes, t.micro_batch_size,
-                                     t.g_batch_multiplier)
-        torch.manual_seed(recipe.seed)  # model initialization is identical on every process
-        (self.architecture, G, D, self.d_reg, self.g_reg) = build_models(recipe)
-        self.loss: Loss = recipe.loss.create()
-        self.dataset_plugin = recipe.dataset.create()
-        # the data is checked before anything is written (a missing dataset: exit 2, no run folder)
-        with self.acc.main_process_first():  # one process downloads, the others then read
-            self.dataset = self.dataset_plugin.build(Path(recipe.data_root), "train")
-        opt_g = torch.optim.Adam(G.parameters(), lr=t.lr_g, betas=tuple(t.betas))
-        opt_d = torch.optim.Adam(D.parameters(), lr=t.lr_d, betas=tuple(t.betas))
-        self.G, self.D, self.opt_g, self.opt_d = self.acc.prepare(G, D, opt_g, opt_d)
+        self.train_section, self.log_section = train, log
+        self.checkpoint_section, self.eval_every, self.seed = checkpoint, eval_every, seed
+        self.acc = accelerator or _accelerator(train)
+        self.callbacks = list(callbacks)
+        self.plan = BatchPlan.derive(train.batch_size, self.acc.num_processes,
+                                     train.micro_batch_size, train.g_batch_multiplier)
+        self.architecture, self.loss = architecture, loss
+        self.dataset, self.dataset_plugin = dataset, dataset_plugin
+        self.d_reg, self.g_reg = d_regularizer, g_regularizer
+        opt_g = self.build_optimizer(generator, train.lr_g)
+        opt_d = self.build_optimizer(discriminator, train.lr_d)
+        self.G, self.D, self.opt_g, self.opt_d = self.acc.prepare(generator, discriminator,
+                                                                  opt_g, opt_d)
         # latents and fake labels come from their own generators (saved in checkpoints), seeded
         # alike on every process: each draw is the block of all processes, of which this process
         # takes its share, so the set of latents of a step does not depend on how the global
         # batch is split over processes and micro-batches
-        self.noise = torch.Generator().manual_seed(recipe.seed * 7919 + 1)
-        self.label_rng = torch.Generator().manual_seed(recipe.seed * 7919 + 104_729)
+        self.noise = torch.Generator().manual_seed(seed * 7919 + 1)
+        self.label_rng = torch.Generator().manual_seed(seed * 7919 + 104_729)
         self.iteration = 0
         self.data_position = 0  # global batches consumed
         self.best: dict[str, Any] = {}
-        self.log = RunLog(self.run_dir, enabled=self.acc.is_main_process)
-        self.writer = ckpt.CheckpointWriter(self.run_dir, self.acc, recipe.checkpoint.keep)
+        self.log = RunLog(self.run_dir, self.acc.is_main_process, log.trackers)
+        self.writer = ckpt.CheckpointWriter(self.run_dir, self.acc, checkpoint.keep)
         self.last_checkpoint: Path | None = None
         self._data_iter: Iterator | None = None
+
+    def build_optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+        """Adam over ``model``'s parameters (in ``parameters()`` order) with ``train.betas``."""
+        return torch.optim.Adam(model.parameters(), lr=lr, betas=tuple(self.train_section.betas))
+
+    def replace_discriminator(self, discriminator: nn.Module,
+                              regularizer: Regularizer | None) -> None:
+        """Train ``discriminator`` (with ``regularizer`` applied) from here on, with a fresh
+        optimizer, both prepared by the accelerator (under DDP: a new wrapper). Every process
+        calls it at the same point; the caller loads any state into them
+        (:mod:`core.spectral.switch`)."""
+        old = (self.D, self.opt_d)
+        opt_d = self.build_optimizer(discriminator, self.train_section.lr_d)
+        self.D, self.opt_d = self.acc.prepare(discriminator, opt_d)
+        self.d_reg = regularizer
+        for held, gone in zip((getattr(self.acc, "_models", None),
+                               getattr(self.acc, "_optimizers", None)), old):
+            if isinstance(held, list):  # the accelerator lets go of the old ones
+                held[:] = [x for x in held if x is not gone]
 
     # -- state -----------------------------------------------------------------------------
 
@@ -138,8 +205,8 @@ class Trainer:
     def save_checkpoint(self, name: str | None = None, update_latest: bool = True) -> Path:
         name = name or ckpt.checkpoint_name(self.iteration)
         state = {"iteration": self.iteration, "data_position": self.data_position,
-                 "best": self.best, "seed": self.recipe.seed,
-                 "callbacks": {type(c).__name__: c.state_dict() for c in self.callbacks}}
+                 "best": self.best, "seed": self.seed,
+                 "callbacks": {key: c.state_dict() for key, c in self._callback_keys()}}
         path = self.writer.save(name, self.models, self.optimizers, state,
                                 self.generators, update_latest=update_latest)
         if update_latest:
@@ -159,25 +226,44 @@ class Trainer:
         self.iteration = int(state["iteration"])
         self.data_position = int(state["data_position"])
         self.best = state.get("best", {})
-        for cb in self.callbacks:
-            cb.load_state_dict(state.get("callbacks", {}).get(type(cb).__name__, {}))
+        saved = state.get("callbacks", {})
+        for key, cb in self._callback_keys():  # older checkpoints: under the class's name
+            cb.load_state_dict(saved.get(key, saved.get(type(cb).__name__, {})))
         self.last_checkpoint = Path(checkpoint)
         self.log.truncate_after(self.iteration)
         return notes
+
+    def _callback_keys(self) -> list[tuple[str, Callback]]:
+        """(key of its state in a checkpoint, callback): its name, made unique by position."""
+        keys, seen = [], {}
+        for cb in self.callbacks:
+            name = getattr(cb, "name", None) or type(cb).__name__
+            seen[name] = seen.get(name, 0) + 1
+            keys.append((name if seen[name] == 1 else f"{name}#{seen[name]}", cb))
+        return keys
 
     # -- data ------------------------------------------------------------------------------
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         dataset = self.dataset
         sampler = GlobalBatchSampler(len(dataset), self.plan, self.acc.process_index,
-                                     self.recipe.seed, start=self.data_position)
+                                     self.seed, start=self.data_position)
         loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=sampler, num_workers=self.recipe.train.num_workers,
+            dataset, batch_sampler=sampler, num_workers=self.train_section.num_workers,
             pin_memory=self.acc.device.type == "cuda",
-            persistent_workers=self.recipe.train.num_workers > 0)
+            persistent_workers=self.train_section.num_workers > 0)
+        dequantize = self.dataset_plugin.dequantize  # the dataset's option (issue 11.6)
+        micro = self.data_position * self.plan.accumulation  # micro-batches drawn before
         for images, labels in loader:
-            yield (images.to(self.acc.device, non_blocking=True),
-                   labels.to(self.acc.device, non_blocking=True))
+            images = images.to(self.acc.device, non_blocking=True)
+            if dequantize:  # x/128 - 1 + U(0, 1/128), the noise fixed by the item's place
+                position, m = divmod(micro, self.plan.accumulation)
+                places = micro_batch_places(self.plan, self.acc.process_index, m)
+                noise = dequantization_noise(self.seed, position, places,
+                                             tuple(images.shape[1:]))
+                images = dequantized(images, noise)
+            micro += 1
+            yield images, labels.to(self.acc.device, non_blocking=True)
 
     def next_micro_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._data_iter is None:
@@ -202,7 +288,7 @@ class Trainer:
     # -- steps -----------------------------------------------------------------------------
 
     def _set_lr(self) -> None:
-        t = self.recipe.train
+        t = self.train_section
         factor = 1.0
         if t.lr_decay == "linear":
             factor = max(0.0, 1.0 - self.iteration / max(1, t.iterations))
@@ -221,10 +307,19 @@ class Trainer:
             stack.enter_context(acc.no_sync(model))
         return stack
 
+    # the two places a network's regularizer acts in a step (apart from its parametrization)
+
     def _penalty(self, reg: Regularizer | None, model: nn.Module) -> torch.Tensor | None:
+        """The regularizer's term of this micro-batch's loss, or None."""
         if reg is None:
             return None
         return reg.loss_term(self.unwrapped(model), self.iteration)
+
+    def _after_step(self, reg: Regularizer | None, model: nn.Module) -> None:
+        """The regularizer's action after the network's optimizer step (SR's projection)."""
+        if reg is not None:
+            with torch.no_grad():
+                reg.after_step(self.unwrapped(model), self.iteration)
 
     def discriminator_step(self) -> torch.Tensor:
         """One D update over the global batch; returns this process's mean D loss (detached)."""
@@ -247,9 +342,7 @@ class Trainer:
             total += loss.detach() / k
         self.opt_d.step()
         self.data_position += 1
-        if self.d_reg is not None:
-            with torch.no_grad():
-                self.d_reg.after_step(self.unwrapped(self.D), self.iteration)
+        self._after_step(self.d_reg, self.D)
         return total
 
     def generator_step(self) -> torch.Tensor:
@@ -268,9 +361,7 @@ class Trainer:
                 acc.backward(loss / k)
             total += loss.detach() / k
         self.opt_g.step()
-        if self.g_reg is not None:
-            with torch.no_grad():
-                self.g_reg.after_step(self.unwrapped(self.G), self.iteration)
+        self._after_step(self.g_reg, self.G)
         return total
 
     def train_iteration(self) -> dict[str, float]:
@@ -278,7 +369,7 @@ class Trainer:
         self._set_lr()
         self.G.train()
         self.D.train()
-        d_losses = [self.discriminator_step() for _ in range(self.recipe.train.n_critic)]
+        d_losses = [self.discriminator_step() for _ in range(self.train_section.n_critic)]
         g_loss = self.generator_step()
         self.iteration += 1
         stats = torch.stack([torch.stack(d_losses).mean(), g_loss])
@@ -294,8 +385,8 @@ class Trainer:
     # -- samples ---------------------------------------------------------------------------
 
     def fixed_latents(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        g = torch.Generator().manual_seed(self.recipe.seed + 2**20)
-        return self.architecture.sample_latents(self.recipe.log.grid_size, g, self.acc.device)
+        g = torch.Generator().manual_seed(self.seed + 2**20)
+        return self.architecture.sample_latents(self.log_section.grid_size, g, self.acc.device)
 
     @torch.no_grad()
     def save_samples(self) -> Path | None:
@@ -324,12 +415,12 @@ class Trainer:
     def fit(self, evaluate=None) -> None:
         """Train to ``train.iterations``. ``evaluate(trainer) -> dict | None`` runs at eval steps
         on every process (metrics are computed on the main one)."""
-        recipe, acc = self.recipe, self.acc
-        total = recipe.train.iterations
+        acc, log, every_checkpoint = self.acc, self.log_section, self.checkpoint_section.every
+        total = self.train_section.iterations
         for cb in self.callbacks:
             cb.on_start(self)
         bar = None
-        if acc.is_main_process and recipe.log.progress:
+        if acc.is_main_process and log.progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=total, initial=self.iteration, desc="train", unit="it",
@@ -342,19 +433,19 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss_d=f"{losses['loss_d']:.3f}", loss_g=f"{losses['loss_g']:.3f}")
-                if it % max(1, recipe.log.every) == 0 or it == total:
+                if it % max(1, log.every) == 0 or it == total:
                     rate = (it - start_iter) / max(1e-9, time.perf_counter() - started)
                     self.log.write("train", it, {**losses, "lr_d": self.opt_d.param_groups[0]["lr"],
                                                  "lr_g": self.opt_g.param_groups[0]["lr"],
                                                  "it_per_s": rate}, tensorboard_prefix="train")
                 for cb in self.callbacks:
                     cb.on_iteration_end(self, it)
-                if (recipe.log.sample_every and it % recipe.log.sample_every == 0) or it == total:
+                if (log.sample_every and it % log.sample_every == 0) or it == total:
                     self.save_samples()
-                if evaluate is not None and recipe.eval.metrics and \
-                        ((recipe.eval.every and it % recipe.eval.every == 0) or it == total):
+                if evaluate is not None and \
+                        ((self.eval_every and it % self.eval_every == 0) or it == total):
                     evaluate(self)
-                if (recipe.checkpoint.every and it % recipe.checkpoint.every == 0) or it == total:
+                if (every_checkpoint and it % every_checkpoint == 0) or it == total:
                     self.save_checkpoint()
         finally:
             if bar is not None:

@@ -14,8 +14,8 @@ from core.errors import SpecregError
 from core.interfaces import Architecture
 from core.registry import get_registry
 from core.layers import weight_layers
-from plugins.architectures.blocks import (RESIDUAL_GAIN, ConditionalBatchNorm2d, DBlock, GBlock,
-                                          OptimizedDBlock)
+from plugins.architectures.blocks import (CHAINER_BN_EPS, RESIDUAL_GAIN, ConditionalBatchNorm2d,
+                                          DBlock, GBlock, OptimizedDBlock)
 from plugins.architectures.cnn import StandardCNN
 from plugins.architectures.resnet import ResNet32, ResNet128
 from plugins.architectures.validation import ArchitectureConfigError
@@ -28,6 +28,7 @@ SMALL = [
     ("resnet32", dict(ch=8, g_ch=8, num_classes=5)),
     ("resnet128", dict(ch=2, g_ch=2, num_classes=7)),
     ("resnet128", dict(ch=2, g_ch=2, num_classes=0)),
+    ("resnet128", dict(ch=2, g_ch=2, num_classes=0, block="bsn")),
     ("cnn", dict(resolution=32, ch=4, g_ch=16)),
     ("cnn", dict(resolution=48, ch=4, g_ch=16)),
     ("cnn", dict(resolution=64, ch=4, g_ch=16)),
@@ -40,6 +41,8 @@ RESNET128_D_CONVS = ["b1.c1", "b1.c2", "b1.sc",
                      "b2.c1", "b2.c2", "b2.sc", "b3.c1", "b3.c2", "b3.sc",
                      "b4.c1", "b4.c2", "b4.sc", "b5.c1", "b5.c2", "b5.sc",
                      "b6.c1", "b6.c2"]
+#: the BSSN authors' ResNet D (fjxmlzn/BSN no_gamma-ResNet): every block has its 1x1 shortcut.
+RESNET128_BSN_D_CONVS = [f"b{i}.{c}" for i in range(1, 7) for c in ("c1", "c2", "sc")]
 
 
 def make(name: str, **kwargs) -> Architecture:
@@ -76,6 +79,8 @@ def test_defaults_are_the_papers():
     assert (r32.resolution, r32.conditional) == (32, False)
     assert (r128.config.ch, r128.config.g_ch, r128.z_dim, r128.num_classes) == (64, 64, 128, 1000)
     assert (r128.resolution, r128.conditional) == (128, True)
+    assert r128.config.block == "sngan"
+    assert r32.config.bn_eps == r128.config.bn_eps == CHAINER_BN_EPS == 2e-5
     assert (cnn.resolution, cnn.z_dim, cnn.config.ch, cnn.config.g_ch) == (32, 128, 64, 512)
     assert not cnn.conditional
 
@@ -161,6 +166,21 @@ def test_resnet32_discriminator_has_the_ten_documented_convs():
     assert D.linear.in_features == 8 and D.linear.out_features == 1
 
 
+@pytest.mark.parametrize("num_classes", [0, 10])
+def test_resnet32_final_linear_has_no_bias_resnet128_has_one(num_classes):
+    """Issue 11 point 4: SN-GAN's snresnet_32 and the SR authors' dis.py build the 32x32 D's
+    last layer with ``SNLinear(ch, 1, nobias=True)``; the 128x128 ones (snresnet.py, Dis.py)
+    keep the bias."""
+    D32 = ResNet32(ResNet32.Config(ch=8, num_classes=num_classes)).build_discriminator()
+    assert D32.linear.bias is None
+    assert "linear.bias" not in dict(D32.named_parameters())
+    D128 = ResNet128(ResNet128.Config(ch=2, g_ch=2, num_classes=num_classes)).build_discriminator()
+    assert D128.linear.bias is not None and D128.linear.bias.shape == (1,)
+    for block in ("sngan", "bsn"):
+        D = ResNet128(ResNet128.Config(ch=2, g_ch=2, block=block)).build_discriminator()
+        assert D.linear.bias is not None
+
+
 def test_layer_order_survives_spectral_norm_parametrization():
     """Regularizers parametrize each weight (torch.nn.utils.parametrize); the layer names and
     their order must stay the paper's numbering, and the forward pass must still work."""
@@ -191,6 +211,103 @@ def test_resnet128_discriminator_has_the_seventeen_documented_convs():
     assert [getattr(D, f"b{i}").down for i in range(2, 7)] == [True] * 4 + [False]
     assert [n for n, _ in weight_layers(D)] == RESNET128_D_CONVS + ["linear", "embed"]
     assert D.embed.weight.shape == (7, 16 * ch)
+
+
+def bsn_reference_conv_shapes(ch: int) -> list[tuple[int, ...]]:
+    """The conv kernels of fjxmlzn/BSN ``no_gamma-ResNet/gan/network.py`` in the order its
+    ``down_resnet`` creates them (block1, block2, shortcut), as torch shapes [out, in, k, k]:
+    layer0 is ``down_resnet(images, 64, 64, first=True)``, layers 1-4 ``down_resnet(h, c, c)``
+    with c = 128, 256, 512, 1024 (hidden = output channels), layer5 ``down_resnet(h, 1024, 1024,
+    down=False)``; every non-first block convolves its shortcut. Widths are ch times 1..16."""
+    shapes = [(ch, 3, 3, 3), (ch, ch, 3, 3), (ch, 3, 1, 1)]
+    widths = [(ch, 2 * ch), (2 * ch, 4 * ch), (4 * ch, 8 * ch), (8 * ch, 16 * ch),
+              (16 * ch, 16 * ch)]
+    for cin, cout in widths:
+        shapes += [(cout, cin, 3, 3), (cout, cout, 3, 3), (cout, cin, 1, 1)]
+    return shapes
+
+
+def forward_order(net: nn.Module, *args) -> list[tuple[str, tuple[int, ...]]]:
+    """``(name, weight shape)`` of every weight layer in the order the forward pass calls it."""
+    calls: list[tuple[str, tuple[int, ...]]] = []
+    handles = [m.register_forward_hook(
+        lambda mod, inp, out, n=n: calls.append((n, tuple(mod.weight.shape))))
+        for n, m in weight_layers(net)]
+    try:
+        net(*args)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def test_resnet128_bsn_block_is_the_bssn_authors_discriminator():
+    """Issue 11 point 3: ``block = "bsn"`` is the BSSN authors' D: 18 convs (each block's c1 as
+    wide as its output, a learnable 1x1 shortcut in all six blocks, the last one too), then the
+    Linear; names and shapes in forward order, checked by running it."""
+    ch = 3
+    D = ResNet128(ResNet128.Config(ch=ch, g_ch=2, num_classes=0, block="bsn")).build_discriminator()
+    calls = forward_order(D, torch.randn(2, 3, 128, 128))
+    expected = list(zip(RESNET128_BSN_D_CONVS, bsn_reference_conv_shapes(ch)))
+    assert calls == expected + [("linear", (1, 16 * ch))]
+    assert len(RESNET128_BSN_D_CONVS) == 18
+    assert [getattr(D, f"b{i}").down for i in range(2, 7)] == [True] * 4 + [False]
+    assert D.linear.bias is not None  # the authors' linear() has a bias
+
+
+def test_resnet128_bsn_block_at_the_papers_width():
+    """At ch = 64 (widths 64..1024) the shapes are the authors' exactly; SN-GAN's block has 17."""
+    D = ResNet128(ResNet128.Config(num_classes=0, block="bsn")).build_discriminator()
+    layers = [(n, tuple(m.weight.shape)) for n, m in weight_layers(D, (nn.Conv2d,))]
+    assert layers == list(zip(RESNET128_BSN_D_CONVS, bsn_reference_conv_shapes(64)))
+    assert D.b6.c1.weight.shape == (1024, 1024, 3, 3) and D.b2.c1.weight.shape == (128, 64, 3, 3)
+    sngan = ResNet128(ResNet128.Config(ch=2, g_ch=2)).build_discriminator()
+    assert conv_names(sngan) == RESNET128_D_CONVS and sngan.b6.sc is None
+    assert sngan.b2.c1.weight.shape == (2, 2, 3, 3)  # SN-GAN: hidden = in channels
+
+
+def test_resnet128_sngan_block_forward_order_and_shapes():
+    ch = 2
+    D = ResNet128(ResNet128.Config(ch=ch, g_ch=2, num_classes=5)).build_discriminator()
+    calls = forward_order(D, torch.randn(2, 3, 128, 128), torch.tensor([0, 4]))
+    shapes = [(ch, 3, 3, 3), (ch, ch, 3, 3), (ch, 3, 1, 1)]
+    for cin, cout in [(ch, 2 * ch), (2 * ch, 4 * ch), (4 * ch, 8 * ch), (8 * ch, 16 * ch)]:
+        shapes += [(cin, cin, 3, 3), (cout, cin, 3, 3), (cout, cin, 1, 1)]
+    shapes += [(16 * ch, 16 * ch, 3, 3)] * 2
+    assert calls == list(zip(RESNET128_D_CONVS, shapes)) + [("linear", (1, 16 * ch)),
+                                                             ("embed", (5, 16 * ch))]
+
+
+@pytest.mark.parametrize("resolution", [32, 48, 64])
+def test_standard_cnn_discriminator_is_the_bssn_authors(resolution):
+    """The BSSN zoo's CIFAR-10/STL-10/CelebA D is the authors' CNN (fjxmlzn/BSN
+    ``no_gamma-CNN/gan/network.py``: layer0..layer6 conv2d 64, 64, 128, 128, 256, 256, 512
+    with kernels 3, 4, 3, 4, 3, 4, 3, then ``linear`` to 1 on the flattened M/8 x M/8 x 512
+    map); they use no ResNet there. Names and shapes in forward order, at the paper's width."""
+    D = StandardCNN(StandardCNN.Config(resolution=resolution)).build_discriminator()
+    widths = [64, 64, 128, 128, 256, 256, 512]
+    kernels = [3, 4, 3, 4, 3, 4, 3]
+    ins = [3] + widths[:-1]
+    expected = [(f"c{i + 1}", (w, cin, k, k)) for i, (w, cin, k) in enumerate(zip(widths, ins,
+                                                                                  kernels))]
+    m = resolution // 8
+    calls = forward_order(D, torch.randn(1, 3, resolution, resolution))
+    assert calls == expected + [("linear", (1, m * m * 512))]
+    assert D.linear.bias is not None  # the authors' linear() adds a bias
+
+
+def test_unknown_resnet128_block_is_a_user_error():
+    with pytest.raises(ArchitectureConfigError, match="block = 'bssn'.*'sngan', 'bsn'"):
+        ResNet128(ResNet128.Config(block="bssn"))
+
+
+@pytest.mark.parametrize("cls,eps", [(ResNet32, 2e-5), (ResNet128, 2e-5), (ResNet128, 1e-5)])
+def test_generator_batch_norms_use_bn_eps(cls, eps):
+    G = cls(cls.Config(g_ch=2, num_classes=3, bn_eps=eps)).build_generator()
+    norms = [m for m in G.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 2 * G.num_blocks + 1 and all(m.eps == eps for m in norms)
+    with pytest.raises(ArchitectureConfigError, match="bn_eps"):
+        cls(cls.Config(bn_eps=0.0))
 
 
 def test_resnet128_generator_widths_and_upsamplings():
@@ -278,7 +395,7 @@ def reference_dblock(x: torch.Tensor, block: DBlock) -> torch.Tensor:
     h = _conv(F.relu(x), block.c1)
     h = _conv(F.relu(h), block.c2)
     s = x
-    if block.in_channels != block.out_channels or block.down:
+    if block.sc is not None:
         s = _conv(x, block.sc)
     if block.down:
         h, s = F.avg_pool2d(h, 2), F.avg_pool2d(s, 2)
@@ -311,6 +428,15 @@ def test_dblock_matches_reference_and_leaves_input_alone(cin, cout, down):
     torch.testing.assert_close(x, x_before, rtol=0, atol=0)
     torch.testing.assert_close(out, reference_dblock(x_before, block))
     assert (block.sc is None) == (cin == cout and not down)
+
+
+@pytest.mark.parametrize("cin,cout,down", [(4, 4, False), (4, 6, True)])
+def test_bsn_dblock_matches_reference(cin, cout, down):
+    torch.manual_seed(0)
+    block = DBlock(cin, cout, down, hidden_channels=cout, learnable_shortcut=True)
+    assert block.c1.weight.shape == (cout, cin, 3, 3) and block.sc is not None
+    x = torch.randn(2, cin, 8, 8)
+    torch.testing.assert_close(block(x), reference_dblock(x, block))
 
 
 def test_identity_shortcut_passes_negative_inputs_through():
@@ -357,7 +483,7 @@ def test_whole_resnet32_discriminator_matches_reference_blocks():
     for b in (D.b2, D.b3, D.b4):
         h = reference_dblock(h, b)
     h = F.relu(h).sum(dim=(2, 3))  # global sum pooling, not mean
-    torch.testing.assert_close(D(x), (h @ D.linear.weight.t() + D.linear.bias).squeeze(1))
+    torch.testing.assert_close(D(x), (h @ D.linear.weight.t()).squeeze(1))  # no bias
 
 
 def test_whole_resnet32_generator_matches_reference_blocks():
@@ -523,3 +649,82 @@ def test_cnn_rejects_other_resolutions():
 def test_nonpositive_widths_are_rejected(cls, kwargs, field):
     with pytest.raises(SpecregError, match=field):
         cls(cls.Config(**kwargs))
+
+
+# ---------------------------------------------------------------------------------------------
+# GBlock shortcut order: conv1x1 before the nearest upsample equals the paper's order
+# ---------------------------------------------------------------------------------------------
+
+RESNET_G = [(name, kw) for name, kw in SMALL if name.startswith("resnet")]
+
+
+def _block_output_and_grads(block: GBlock, x: torch.Tensor, y: torch.Tensor | None,
+                            upstream: torch.Tensor) -> list[torch.Tensor]:
+    block.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    out = block(x, y)
+    (out * upstream).sum().backward()
+    return [out.detach(), x.grad] + [p.grad for p in block.parameters()]
+
+
+@pytest.mark.parametrize("name,kwargs", RESNET_G, ids=[f"{n}-{kw}" for n, kw in RESNET_G])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_gblock_shortcut_conv_first_equals_upsample_first(name, kwargs, train):
+    """Every GBlock of resnet32/resnet128 G (conditional BN too): output and the gradients with
+    respect to its input and every weight equal the paper's order, upsample then conv1x1."""
+    from plugins.architectures.blocks import upsample_before_shortcut_conv
+
+    torch.manual_seed(0)
+    arch = make(name, **kwargs)
+    G = arch.build_generator().train(train)
+    blocks = [m for m in G.modules() if isinstance(m, GBlock)]
+    assert blocks
+    for block in blocks:
+        with torch.no_grad():  # non-trivial shortcut bias and BN statistics
+            block.sc.bias.normal_()
+            for bn in (block.bn1, block.bn2):
+                inner = bn.bn if isinstance(bn, ConditionalBatchNorm2d) else bn
+                inner.running_mean.normal_()
+                inner.running_var.uniform_(0.5, 2.0)
+        rng = torch.Generator().manual_seed(1)
+        x = torch.randn(3, block.in_channels, 4, 4, generator=rng)
+        y = torch.randint(0, arch.num_classes, (3,), generator=rng) if arch.conditional else None
+        upstream = torch.randn(3, block.out_channels, 8, 8, generator=rng)
+        state = {k: v.clone() for k, v in block.state_dict().items()}
+        fast = _block_output_and_grads(block, x, y, upstream)
+        block.load_state_dict(state)  # the same running statistics for the second forward
+        with upsample_before_shortcut_conv():
+            slow = _block_output_and_grads(block, x, y, upstream)
+        assert len(fast) == len(slow) == 2 + len(list(block.parameters()))
+        for a, b in zip(fast, slow):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # the switch restores the fast order on exit, and the two orders really differ in work
+    block = blocks[0]
+    x = torch.randn(2, block.in_channels, 4, 4)
+    seen = []
+    handle = block.sc.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    with torch.no_grad():
+        block.shortcut(x)
+        with upsample_before_shortcut_conv():
+            block.shortcut(x)
+        block.shortcut(x)
+    handle.remove()
+    assert seen == [(2, block.in_channels, 4, 4), (2, block.in_channels, 8, 8),
+                    (2, block.in_channels, 4, 4)]
+
+
+def test_generator_with_either_shortcut_order_and_old_checkpoint_names():
+    """Whole resnet32 G: the same images either way; parameter names and shapes unchanged."""
+    from plugins.architectures.blocks import upsample_before_shortcut_conv
+
+    torch.manual_seed(0)
+    arch = make("resnet32", ch=8, g_ch=8)
+    G = arch.build_generator().eval()
+    z = torch.randn(4, arch.z_dim)
+    with torch.no_grad():
+        fast = G(z)
+        with upsample_before_shortcut_conv():
+            slow = G(z)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+    shapes = {k: tuple(v.shape) for k, v in G.state_dict().items() if k.endswith("sc.weight")}
+    assert shapes == {f"b{i}.sc.weight": (8, 8, 1, 1) for i in (1, 2, 3)}

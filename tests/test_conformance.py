@@ -43,7 +43,8 @@ SMALL: dict[str, list[dict[str, Any]]] = {
     "architectures/resnet32": [dict(ch=8, g_ch=8), dict(ch=8, g_ch=8, num_classes=5)],
     "architectures/resnet128": [dict(ch=2, g_ch=2, num_classes=5), dict(ch=2, g_ch=2, num_classes=0)],
     "architectures/cnn": [dict(ch=4, g_ch=16, resolution=32), dict(ch=4, g_ch=16, resolution=48)],
-    "datasets/cifar10": [dict(resolution=8)],
+    "datasets/cifar10": [dict(resolution=8), dict(resolution=8, dequantize=True,
+                                                   resize_filter="cv2-linear")],
     "datasets/stl10": [dict(resolution=8)],
     "datasets/celeba": [dict(resolution=8)],
     "datasets/imagenet": [dict(resolution=8, num_classes=3)],
@@ -167,7 +168,7 @@ def test_every_interface_member_is_exercised_by_a_check(kind):
     members = testing.interface_members(PLUGIN_KINDS[kind])
     missing = members - testing.covered_members(kind)
     assert not missing, f"{kind}: no conformance check exercises {sorted(missing)}"
-    assert {"Config", "name"} <= members  # the walk over the interface found the base too
+    assert {"Config", "name"} <= members  # Plugin's: the class attribute and the instance's name
 
 
 def test_parametrize_with_checks_names_cases_and_marks_the_multi_process_check_slow():
@@ -186,9 +187,9 @@ def test_registered_is_temporary_and_restores_the_class():
     registry = get_registry()
     before = {kind: dict(registry.kinds[kind]) for kind in PLUGIN_KINDS}
     with testing.registered(GoodSN) as name:
-        assert registry.regularizers[name] is GoodSN and GoodSN.name == name
+        assert registry.regularizers[name] is GoodSN and GoodSN().name == name
     assert {kind: dict(registry.kinds[kind]) for kind in PLUGIN_KINDS} == before
-    assert GoodSN.name == ""
+    assert "name" not in vars(GoodSN) and GoodSN().name == "GoodSN"
     hinge = registry.losses["hinge"]
     with testing.registered(hinge) as name:  # already registered: used as it is
         assert name == "hinge"
@@ -493,6 +494,28 @@ class ReportsMissingFiles(Noise):
         return super().build(root, split)
 
 
+class OffGridDequantized(Noise):
+    """Asks the loop to dequantize, but its pixels are not 8-bit levels."""
+
+    dequantize = True
+
+
+class PreparesSecretly(Noise):
+    """Implements prepare without supports_prepare (core.prepare would never offer it)."""
+
+    def prepare(self, root, split="train", workers=0, force=False, progress=True):
+        return {"count": 10, "resolution": 8}
+
+
+class PrepareCrashesWithoutFiles(ReportsMissingFiles):
+    """Supports prepare, but a missing folder crashes it with a bare FileNotFoundError."""
+
+    supports_prepare = True
+
+    def prepare(self, root, split="train", workers=0, force=False, progress=True):
+        return {"count": len((Path(root) / "noise").iterdir()), "resolution": 8}
+
+
 GOOD = [GoodSN, Hinge, TinyArchitecture, ConstantMetric, Noise,
         Case(ReportsMissingFiles, prepare=lambda root: (root / "noise").mkdir() or
              (root / "noise" / "ok").touch())]
@@ -525,6 +548,9 @@ BROKEN = [
     (RandomScore, "check_metric_deterministic", "differ"),
     (Unscaled, "check_dataset_items", "pixels must be in [-1, 1]"),
     (CrashesWithoutFiles, "check_dataset_missing_data_is_reported", "DataMissingError"),
+    (OffGridDequantized, "check_dataset_items", "not p / 127.5 - 1 of 8-bit values"),
+    (PreparesSecretly, "check_dataset_prepare", "supports_prepare is False"),
+    (PrepareCrashesWithoutFiles, "check_dataset_prepare", "must raise core.errors.DataMissing"),
 ]
 
 

@@ -14,6 +14,7 @@ import functools
 import hashlib
 import http.server
 import json
+import math
 import pickle
 import socket
 import subprocess
@@ -32,9 +33,8 @@ from PIL import Image
 from core import prepare as prepare_cli
 from core.errors import DataMissingError, SpecregError
 from core.registry import get_registry
+from core.prepared import PreparedFiles, PreparedImages, PreparedMismatchError, write_prepared
 from plugins.datasets.base import DecodedImages, ImageDataset
-from plugins.datasets.prepared import (PreparedFiles, PreparedImages, PreparedMismatchError,
-                                       write_prepared)
 
 REPO = Path(__file__).resolve().parent.parent
 LEVEL = 2.0 / 255.0  # one uint8 step in [-1, 1] units
@@ -498,3 +498,274 @@ def test_prepare_command_end_to_end(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "core.prepare", "imagenett"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "did you mean 'imagenet'" in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Resize filters and dequantization (issue 11.6)
+# ---------------------------------------------------------------------------------------------
+
+
+def generated_image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """``uint8 [h, w, 3]``: smooth noise plus a sharp bar (so that the filters differ)."""
+    pixels = np.ascontiguousarray(smooth(np.random.default_rng(seed), 1, h, w)[0].transpose(1, 2, 0))
+    pixels[h // 3:h // 3 + 3, :] = (250, 10, 120)
+    return pixels
+
+
+def torch_filter(pixels_hwc: np.ndarray, size: int, mode: str, antialias: bool) -> np.ndarray:
+    """PyTorch's resize of a uint8 HWC image to ``size x size``, rounded half up, uint8 HWC."""
+    x = torch.from_numpy(pixels_hwc).movedim(-1, 0).double()[None]
+    y = F.interpolate(x, size=(size, size), mode=mode, antialias=antialias, align_corners=False)
+    return torch.floor(y[0].clamp(0, 255) + 0.5).movedim(0, -1).to(torch.uint8).numpy()
+
+
+def levels_apart(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
+@pytest.mark.parametrize("h, w, size", [(40, 60, 16), (96, 96, 48), (37, 37, 24)])
+def test_pil_filters_are_pils_resize_of_the_center_square_and_close_to_torch(h, w, size):
+    from plugins.datasets.pixels import center_box, square_crop_resize
+
+    pixels = generated_image(h, w)
+    image = Image.fromarray(pixels)
+    box = center_box(w, h, min(h, w))
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    crop = np.ascontiguousarray(pixels[top:top + s, left:left + s])
+    for name, pil, mode in (("bicubic", Image.Resampling.BICUBIC, "bicubic"),
+                            ("bilinear", Image.Resampling.BILINEAR, "bilinear")):
+        ours = square_crop_resize(image, size, resize_filter=name)
+        assert ours.dtype == np.uint8 and ours.shape == (size, size, 3)
+        # PIL's own resize (what scipy.misc.imresize(x, size, "bilinear") calls) of the square
+        assert np.array_equal(ours, np.array(image.resize((size, size), pil, box=box)))
+        if (h - s) % 2 == 0 and (w - s) % 2 == 0:  # whole-pixel square: torch resizes the crop
+            reference = torch_filter(crop, size, mode, antialias=True)
+            inside = (slice(2, -2), slice(2, -2))  # PIL reads past the crop at its border
+            assert levels_apart(ours[inside], reference[inside]) <= 2
+    assert not np.array_equal(square_crop_resize(image, size, resize_filter="bicubic"),
+                              square_crop_resize(image, size, resize_filter="bilinear"))
+
+
+@pytest.mark.parametrize("h, w, size", [(40, 61, 16), (96, 96, 48), (128, 128, 64), (20, 20, 32)])
+def test_cv2_linear_samples_bilinearly_without_antialiasing_like_torch(h, w, size):
+    """cv2.resize's INTER_LINEAR = bilinear sampling at half-pixel centres, edges repeated: what
+    torch's interpolate(bilinear, align_corners=False, antialias=False) computes (to one level:
+    rounding), of the square cropped at whole pixels as the BSSN code's NumPy slices."""
+    from plugins.datasets.pixels import square_crop_resize
+
+    pixels = generated_image(h, w, seed=3)
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2  # 40x61: left = 10, not 10.5
+    crop = np.ascontiguousarray(pixels[top:top + s, left:left + s])
+    ours = square_crop_resize(Image.fromarray(pixels), size, resize_filter="cv2-linear")
+    assert levels_apart(ours, torch_filter(crop, size, "bilinear", antialias=False)) <= 1
+    if s == 2 * size:  # exactly halving: each pixel is the mean of a 2x2 block, rounded half up
+        blocks = crop.astype(np.float64).reshape(size, 2, size, 2, 3).mean(axis=(1, 3))
+        assert np.array_equal(ours, np.floor(blocks + 0.5).astype(np.uint8))
+        antialiased = torch_filter(crop, size, "bilinear", antialias=True)
+        assert levels_apart(ours, antialiased) > 2  # PIL/torch antialiasing differs from it
+
+
+def test_resize_filter_reaches_the_decoded_and_prepared_images(tmp_path, monkeypatch):
+    from core.prepared import to_float
+    from plugins.datasets.pixels import RESIZE_FILTERS, linear_resize
+
+    written = write_cifar(tmp_path / "cifar10", per_batch=1)
+    trust_cifar(monkeypatch, tmp_path / "cifar10" / "cifar-10-batches-py")
+    images, _ = items(dataset("cifar10", download=False, resolution=16,
+                              resize_filter="cv2-linear").build(tmp_path))
+    expected = torch.stack([to_float(torch.from_numpy(linear_resize(p, 16)))
+                            for p in written["train"]])
+    assert torch.equal(images, expected)
+    blocks = written["train"].astype(np.float64).reshape(5, 16, 2, 16, 2, 3).mean(axis=(2, 4))
+    torch.testing.assert_close(images.double(), as_float(np.floor(blocks + 0.5)), rtol=0,
+                               atol=1e-6)  # halving: 2x2 means
+    bilinear, _ = items(dataset("cifar10", download=False, resolution=16,
+                                resize_filter="bilinear").build(tmp_path))
+    assert (bilinear.double() - as_float(np.stack([torch_filter(p, 16, "bilinear", True)
+                                                   for p in written["train"]]))
+            ).abs().max() <= 2 * LEVEL
+    # the prepared array records its filter, and a recipe asking for another one is refused
+    assert prepare_cli.main(["cifar10", "--resolution", "16", "--root", str(tmp_path),
+                             "--workers", "0", "--quiet", "--set", "download=false",
+                             "--set", "resize_filter=cv2-linear"]) == 0
+    meta = json.loads(PreparedFiles.at(tmp_path / "cifar10", "train", 16).meta.read_text())
+    assert meta["resize"] == RESIZE_FILTERS["cv2-linear"]
+    prepared = dataset("cifar10", download=False, resolution=16, resize_filter="cv2-linear")
+    assert isinstance(prepared.build(tmp_path), PreparedImages)
+    assert torch.equal(items(prepared.build(tmp_path))[0], images)
+    with pytest.raises(PreparedMismatchError, match="resize: prepared with 'bilinear sampling"):
+        dataset("cifar10", download=False, resolution=16, resize_filter="bilinear").build(tmp_path)
+
+
+def test_unknown_resize_filter_is_one_clear_error(tmp_path):
+    with pytest.raises(SpecregError) as err:
+        dataset("celeba", resize_filter="lanczos").build(tmp_path)
+    assert str(err.value) == ("dataset 'celeba': resize_filter must be one of 'bicubic', "
+                              "'bilinear', 'cv2-linear', not 'lanczos'")
+
+
+def test_the_default_protocol_is_the_one_prepared_arrays_always_had():
+    """Arrays prepared before resize_filter existed stay valid: same ``resize`` text."""
+    assert dataset("imagenet").protocol("train")["resize"] == \
+        "PIL bicubic (antialiased) of the centered square crop"
+
+
+def test_dequantized_is_x_over_128_minus_1_plus_the_noise():
+    from core.data import DEQUANTIZATION_STEP, dequantization_noise, dequantized
+    from core.prepared import to_float
+
+    p = torch.arange(256, dtype=torch.uint8).repeat(48).view(16, 16, 16, 3)  # every level
+    items_ = to_float(p).contiguous()  # what the datasets give: p / 127.5 - 1
+    noise = dequantization_noise(seed=5, position=7, places=range(16), shape=(3, 16, 16))
+    out = dequantized(items_, noise)
+    pixels = p.movedim(-1, -3).double()
+    direct = pixels / 128.0 - 1.0 + noise.double()  # the Chainer loaders' formula
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), direct, rtol=0, atol=1e-7)
+    grid = pixels / 128.0 - 1.0
+    offset = out.double() - grid
+    assert DEQUANTIZATION_STEP == 1 / 128
+    assert offset.min() >= 0 and offset.max() < 1 / 128  # each value stays in its own cell
+    assert out.min() >= -1 and out.max() < 1 and out.max() > 1 - 2 / 128
+    sigma = (1 / 128) / math.sqrt(12) / math.sqrt(offset.numel())
+    assert abs(offset.mean().item() - 1 / 256) < 5 * sigma  # mean offset 1/256
+    assert torch.unique(out).numel() > 0.95 * out.numel()  # continuous, not 256 levels
+    assert torch.unique(items_).numel() == 256
+
+
+def test_dequantization_noise_is_fixed_by_seed_position_and_place_only():
+    from core.data import BatchPlan, GlobalBatchSampler, dequantization_noise, micro_batch_places
+
+    shape = (3, 4, 4)
+    whole = dequantization_noise(0, 3, range(8), shape)
+    assert torch.equal(whole, dequantization_noise(0, 3, range(8), shape))  # reproducible
+    assert torch.equal(torch.cat([dequantization_noise(0, 3, range(0, 5), shape),
+                                  dequantization_noise(0, 3, range(5, 8), shape)]), whole)
+    assert not torch.equal(dequantization_noise(0, 4, range(8), shape), whole)  # next batch
+    assert not torch.equal(dequantization_noise(1, 3, range(8), shape), whole)  # other seed
+    assert len({tuple(n.flatten().tolist()) for n in whole}) == 8  # every place its own
+    assert whole.min() >= 0 and whole.max() < 1 / 128
+    # the places are the ones the sampler hands each process and micro-batch
+    for processes, cap in [(1, 0), (2, 2), (4, 1), (2, 0)]:
+        plan = BatchPlan.derive(8, processes, cap)
+        seen = {}
+        for rank in range(processes):
+            sampler = iter(GlobalBatchSampler(24, plan, rank, seed=9))
+            permutation = torch.randperm(24, generator=torch.Generator().manual_seed(9 * 1_000_003))
+            for m in range(plan.accumulation):
+                places = micro_batch_places(plan, rank, m)
+                assert next(sampler) == permutation[places.start:places.stop].tolist()
+                seen.update({j: rank for j in places})
+        assert sorted(seen) == list(range(8))
+
+
+def _dequantized_trainer(tmp_path, name: str, dequantize: bool = True, micro: int = 0):
+    from core.recipe import structure_recipe
+    from core.testing import write_prepared_sample
+    from core.train import build_trainer, make_accelerator
+
+    cifar = get_registry().datasets["cifar10"]
+    root = tmp_path / "data"
+    if not (root / "cifar10").is_dir():
+        write_prepared_sample(cifar(cifar.Config(download=False)), root, count=16, seed=4)
+    recipe = structure_recipe({
+        "seed": 11, "data_root": str(root),
+        "dataset": {"name": "cifar10", "download": False, "dequantize": dequantize},
+        "architecture": {"name": "resnet32", "ch": 8, "g_ch": 8},
+        "train": {"iterations": 1, "batch_size": 8, "micro_batch_size": micro, "cpu": True},
+        "log": {"every": 1, "sample_every": 0, "progress": False}})
+    return build_trainer(recipe, tmp_path / name, make_accelerator(recipe)), root
+
+
+def test_the_loop_feeds_d_dequantized_reals_reproducibly(tmp_path):
+    """dequantize = true: each real is ``p/128 - 1 + U(0, 1/128)`` with the noise of its place in
+    its global batch; one batch or micro-batches, straight or resumed, give the same reals, and
+    an image seen again in the next epoch gets new noise. false: the items themselves."""
+    from core.data import BatchPlan, GlobalBatchSampler, dequantization_noise
+
+    straight, root = _dequantized_trainer(tmp_path, "straight")
+    batches = [straight.next_micro_batch() for _ in range(4)]  # 2 epochs of 16 images
+    pixels = np.load(root / "cifar10" / "prepared_train_32.npy")
+    order = iter(GlobalBatchSampler(16, BatchPlan.derive(8, 1), 0, seed=11))
+    seen: dict[int, list[torch.Tensor]] = {}
+    for position, (images, labels) in enumerate(batches):
+        index = next(order)
+        p = torch.from_numpy(pixels[index]).movedim(-1, -3).double()
+        noise = dequantization_noise(11, position, range(8), (3, 32, 32))
+        torch.testing.assert_close(images.double(), p / 128 - 1 + noise.double(), rtol=0,
+                                   atol=1e-7)
+        for i, j in enumerate(index):
+            seen.setdefault(j, []).append(images[i] - (p[i] / 128 - 1).float())
+    assert all(len(v) == 2 and not torch.equal(v[0], v[1]) for v in seen.values())
+
+    split, _ = _dequantized_trainer(tmp_path, "micro", micro=4)
+    assert split.plan.accumulation == 2
+    for images, _ in batches[:2]:
+        assert torch.equal(torch.cat([split.next_micro_batch()[0], split.next_micro_batch()[0]]),
+                           images)
+    resumed, _ = _dequantized_trainer(tmp_path, "resumed")
+    resumed.data_position = 3  # what resume() restores from a checkpoint
+    assert torch.equal(resumed.next_micro_batch()[0], batches[3][0])
+
+    plain, _ = _dequantized_trainer(tmp_path, "plain", dequantize=False)
+    images, _ = plain.next_micro_batch()
+    index = next(iter(GlobalBatchSampler(16, BatchPlan.derive(8, 1), 0, seed=11)))
+    torch.testing.assert_close(images.double(), as_float(pixels[index]), rtol=0, atol=1e-6)
+    for trainer in (straight, split, resumed, plain):
+        trainer.log.close()
+
+
+def test_dequantize_defaults_off_and_stacked_digits_has_none():
+    for name in ("cifar10", "stl10", "imagenet", "celeba"):
+        assert dataset(name).dequantize is False and dataset(name, dequantize=True).dequantize
+        assert dataset(name).resize_filter == "bicubic"
+    assert dataset("stacked_digits").dequantize is False  # not 8-bit images: no such option
+
+
+# ---------------------------------------------------------------------------------------------
+# core.prepare reaches datasets through the registry
+# ---------------------------------------------------------------------------------------------
+
+
+def test_prepare_offers_any_registered_dataset_that_supports_it(tmp_path, capsys):
+    """A plugin's dataset (not an ImageDataset) with ``supports_prepare`` is listed and prepared
+    by ``python -m core.prepare``, which calls its ``prepare`` with the command's arguments."""
+    import attrs
+
+    from core import testing
+    from core.interfaces import Dataset
+
+    calls = []
+
+    class Tiles(Dataset):
+        """Four 2x2 tiles."""
+
+        supports_prepare = True
+
+        @attrs.define
+        class Config:
+            resolution: int = 2
+            shade: int = 0
+
+        @property
+        def resolution(self):
+            return self.config.resolution
+
+        def build(self, root, split="train"):
+            return [(torch.zeros(3, 2, 2), 0)] * 4
+
+        def prepare(self, root, split="train", workers=0, force=False, progress=True):
+            calls.append((self.name, self.config, Path(root), split, workers, force, progress))
+            return {"count": 4, "resolution": self.resolution, "source": str(root),
+                    "images": "tiles.npy"}
+
+    with testing.registered(Tiles) as name:
+        assert prepare_cli.main(["nope", "--root", str(tmp_path)]) == 2
+        assert name in capsys.readouterr().err.split("can be prepared: ")[1]
+        args = [name, "--root", str(tmp_path), "--workers", "3", "--set", "shade=7", "--force",
+                "--quiet", "--resolution", "4"]
+        assert prepare_cli.main(args) == 0
+    assert calls == [(name, Tiles.Config(resolution=4, shade=7), tmp_path, "train", 3, True, False)]
+    assert f"{name} train: 4 images, 4x4" in capsys.readouterr().out

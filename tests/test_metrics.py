@@ -288,6 +288,36 @@ def test_is_end_to_end_through_the_weights_mechanism(tmp_path, monkeypatch, tiny
     assert protocol["resize_mode"] == "clean" and protocol["feature_network_file"] == str(path)
 
 
+def test_records_and_table_say_which_published_tables_they_match(tmp_path, monkeypatch,
+                                                                  tiny_weights):
+    """Issue 11 point 5: each record says, from the settings the score was computed with,
+    which published tables it can be set beside and why not the others; the table shows it."""
+    path, _ = tiny_weights
+    monkeypatch.setenv(WEIGHTS_ENV, str(path))
+    ctx = context(RealDigits(), tmp_path)
+    ctx.dataset = StackedDigits(StackedDigits.Config(num_samples=2000), name="cifar10")
+    (record,) = evaluate([InceptionScore(InceptionScore.Config(num_samples=120, splits=3))], ctx)
+    assert record["comparable_with"] == record["protocol"]["comparable_with"] == []
+    why = record["protocol"]["not_comparable_with"]
+    assert set(why) == {"SR Table II", "BSSN Table 1"}
+    assert why["SR Table II"] == ("mode 'clean' (paper: 'legacy_tensorflow'); samples 120 "
+                                  "(paper: 50000); splits 3 (paper: 10)")
+    lines = format_table([record]).splitlines()
+    assert lines[0].split()[-2:] == ["comparable", "with"]
+    assert all(line.split()[-1] == "-" for line in lines[2:-1])
+    # a record whose protocol matched a table shows it, in the record and in the table
+    matched = {**record, "comparable_with": ["SR Table II", "BSSN Table 1"]}
+    assert all(line.endswith("SR Table II, BSSN Table 1")
+               for line in format_table([matched]).splitlines()[2:-1])
+    json.dumps(record)
+
+
+def test_records_of_metrics_without_a_published_protocol_claim_nothing(digits_root):
+    ctx = context(Constant(), digits_root)
+    (record,) = evaluate([Modes(Modes.Config(num_samples=500))], ctx)
+    assert record["comparable_with"] == []
+
+
 @pytest.mark.slow  # one 2048x2048 matrix square root in clean-fid's frechet_distance: ~15 s
 def test_fid_end_to_end_through_the_weights_mechanism(tmp_path, monkeypatch, tiny_weights):
     path, net = tiny_weights
@@ -326,6 +356,9 @@ def test_fid_end_to_end_through_the_weights_mechanism(tmp_path, monkeypatch, tin
     protocol = fid_record["protocol"]
     assert protocol["samples"] == 200 and protocol["resize_mode"] == "clean"
     assert protocol["reference"]["split"] == "train" and protocol["reference"]["samples"] == 200
+    assert protocol["reference"]["whole_split"] is False  # 200 of the 1000 training images
+    # no published protocol covers the embedded digits: nothing is claimed either way
+    assert protocol["comparable_with"] == [] and protocol["not_comparable_with"] == {}
     assert protocol["feature_network_file"] == str(path)
     assert len(protocol["feature_network_sha256"]) == 64
     assert protocol["libraries"]["clean-fid"] and protocol["seed"] == 0

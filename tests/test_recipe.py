@@ -119,3 +119,73 @@ def test_cli_reports_every_problem_and_exits_2_without_traceback(tmp_path, base)
     assert "Traceback" not in result.stderr
     problem_lines = [line for line in result.stderr.splitlines() if str(bad) in line]
     assert len(problem_lines) == 3, result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Callback tables
+# ---------------------------------------------------------------------------------------------
+
+
+def test_callback_tables_are_keyed_by_plugin_name_and_overridable(tmp_path, base):
+    child = tmp_path / "child.toml"
+    child.write_text('extends = "base.toml"\n'
+                     '[callbacks.spectral]\nevery = 250\naction = "checkpoint"\n')
+    recipe = load_recipe(child, ["callbacks.spectral.every=100"])
+    spec = recipe.callbacks["spectral"]
+    assert spec.name == "spectral" and spec.config.every == 100
+    assert spec.config.action == "checkpoint"  # the file's other keys stay
+    monitor = spec.create()
+    assert monitor.name == "spectral" and monitor.config is spec.config
+    table = tomllib.loads(tomli_w.dumps(recipe_to_table(recipe)))
+    assert table["callbacks"]["spectral"]["every"] == 100
+    assert "name" not in table["callbacks"]["spectral"]
+    assert structure_recipe(table) == recipe
+
+
+def test_a_default_enabled_callback_is_there_when_the_recipe_does_not_name_it(base):
+    recipe = load_recipe(base)  # no [callbacks]: the spectral monitor with its defaults
+    assert list(recipe.callbacks) == ["spectral"]
+    assert recipe.callbacks["spectral"].config.every == 500
+    assert "spectral" in recipe_to_table(recipe)["callbacks"]  # written into the run folder
+
+
+def test_unknown_callback_and_unknown_key_are_one_line_each(tmp_path, base):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('extends = "base.toml"\n[callbacks.spectrl]\nevery = 5\n'
+                   '[callbacks.spectral]\nevrey = 5\n')
+    with pytest.raises(RecipeError) as info:
+        load_recipe(bad)
+    lines = info.value.problems
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"{bad}: unknown callback 'spectrl' (did you mean 'spectral'?); "
+                               "installed: ") and lines[0].endswith(" at callbacks.spectrl")
+    assert f"{bad}: unknown key 'evrey' (did you mean 'every'?) at callbacks.spectral" in lines
+    with pytest.raises(RecipeError) as info:
+        load_recipe(base, ["callbacks.spectral=5"])
+    assert info.value.problems == [
+        "--set callbacks.spectral=5: wrong type at callbacks.spectral: expected a table (the "
+        "settings of callback 'spectral'), got integer 5"]
+    with pytest.raises(RecipeError, match=r"--set callbacks.spectral.mass_drop=2: invalid value "
+                                          r"at callbacks.spectral: mass_drop must lie"):
+        load_recipe(base, ["callbacks.spectral.mass_drop=2"])
+
+
+def test_an_old_spectral_table_loads_as_the_spectral_callback(tmp_path, base):
+    old = tmp_path / "old.toml"  # an old run folder's recipe.toml had [spectral]
+    old.write_text(base.read_text() + '\n[spectral]\nevery = 7\naction = "checkpoint"\n')
+    recipe = load_recipe(old, ["spectral.warmup=3"])  # an old --set key too
+    config = recipe.callbacks["spectral"].config
+    assert (config.every, config.action, config.warmup) == (7, "checkpoint", 3)
+    table = recipe_to_table(recipe)  # written back in the new place
+    assert "spectral" not in table and table["callbacks"]["spectral"]["warmup"] == 3
+    new = tmp_path / "new.toml"
+    new.write_text(base.read_text() + '\n[callbacks.spectral]\nevery = 7\naction = "checkpoint"\n')
+    assert load_recipe(new, ["callbacks.spectral.warmup=3"]) == recipe
+    with pytest.raises(RecipeError) as info:  # an error in the old table names the new path
+        load_recipe(old, ["spectral.evrey=1"])
+    assert info.value.problems == ["--set spectral.evrey=1: unknown key 'evrey' (did you mean "
+                                   "'every'?) at callbacks.spectral"]
+    both = tmp_path / "both.toml"
+    both.write_text(new.read_text() + '\n[spectral]\nevery = 3\n')
+    with pytest.raises(RecipeError, match=r"both \[spectral\] and \[callbacks.spectral\]"):
+        load_recipe(both)

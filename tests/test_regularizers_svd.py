@@ -1,13 +1,18 @@
-"""The fast exact SVD of core/svd.py against LAPACK's float64 SVD: singular
-values, vectors, and spectrum re-weighting on tall, wide, square, rank-deficient, r = 1 and
-collapsed-spectrum matrices."""
+"""The fast exact SVD of core/svd.py against LAPACK's float64 SVD: singular values (also through
+:func:`core.svd.singular_values`, the path the spectral monitor takes), vectors, and spectrum
+re-weighting on tall, wide, square, rank-deficient, r = 1 and collapsed-spectrum matrices, on
+both sides of the one trust threshold :data:`core.svd.TRUSTED`."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
-from core.svd import RELIABLE, svd, thin_svd
+from core.spectral import measure
+from core.svd import TRUSTED, singular_values, svd, thin_svd
 from test_regularizers_support import gapped_spectrum, rel_err, svd64, with_spectrum
 
 torch.set_num_threads(1)
@@ -33,8 +38,10 @@ MATRICES = {
     "r1-column": lambda: torch.randn(30, 1, generator=torch.Generator().manual_seed(6)),
     "collapsed-1e-3": lambda: collapsed(30, 90, 1e-3, 7),
     "collapsed-1e-6": lambda: collapsed(90, 30, 1e-6, 8),
-    # just above the Gram route's limit: the final product must then run in float64
-    "collapsed-2e-4": lambda: collapsed(128, 300, 2e-4, 9),
+    # just above the trust threshold: Gram route, and the final product must run in float64
+    "collapsed-2e-3": lambda: collapsed(128, 300, 2 * TRUSTED, 9),
+    # just below it: LAPACK for any request that reaches the smallest values
+    "collapsed-5e-4": lambda: collapsed(300, 128, TRUSTED / 2, 12),
 }
 
 
@@ -104,7 +111,7 @@ def test_gram_route_is_used_for_well_conditioned_matrices():
 
 
 def test_tiny_compensated_singular_values_fall_back_to_lapack():
-    a = collapsed(20, 50, RELIABLE / 100, seed=1)
+    a = collapsed(20, 50, TRUSTED / 100, seed=1)
     dec = thin_svd(a)
     new = torch.ones_like(dec.S)  # raise every singular value, the tiny ones included
     dec.respectrum(new, alpha=1 / float(dec.S[0]))
@@ -121,3 +128,58 @@ def test_rank_deficient_static_past_the_rank_gives_orthonormal_completion():
     s = torch.linalg.svdvals(out.double())
     assert torch.allclose(s[:6], torch.ones(6, dtype=torch.float64), atol=1e-6)
     assert torch.allclose(s[6:], torch.zeros(2, dtype=torch.float64), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(MATRICES))
+def test_singular_values_match_lapack(name):
+    """The monitor's path: every singular value, float64, exact to 1e-9 relative even where the
+    spectrum collapses below the trust threshold (the Gram route alone would be ~1e-4 off at
+    1e-6 s_1)."""
+    a = MATRICES[name]()
+    s_ref = torch.linalg.svdvals(a.double())
+    s = singular_values(a)
+    assert s.dtype == torch.float64 and s.device.type == "cpu" and s.shape == s_ref.shape
+    assert torch.allclose(s, s_ref, rtol=1e-9, atol=1e-13 * float(s_ref[0]))
+    assert torch.all(s[:-1] >= s[1:])
+    # the monitor records exactly these values
+    np.testing.assert_array_equal(measure.singular_values(a), s.numpy())
+    # and ThinSVD, SR's decomposition, agrees on them
+    assert torch.allclose(thin_svd(a).exact().S, s_ref, rtol=1e-9, atol=1e-13 * float(s_ref[0]))
+
+
+def test_singular_values_of_a_layer_the_monitor_measures_match_lapack():
+    """measure_layer (effective weight of an SN-parametrized conv) goes through core.svd."""
+    from torch import nn
+
+    from core.layers import weight_matrix
+    from core.registry import get_registry
+
+    torch.manual_seed(0)
+    layer = get_registry().create("regularizers", "sn").apply(nn.Conv2d(24, 40, 3))
+    with measure.reading_weights(layer):
+        spectrum = measure.measure_layer(layer)
+        effective = weight_matrix(layer.weight).double()
+    np.testing.assert_allclose(spectrum.singular_values, torch.linalg.svdvals(effective).numpy(),
+                               rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("ratio, gram_route", [(2 * TRUSTED, True), (TRUSTED / 2, False)])
+def test_one_trust_threshold_decides_the_route_for_both_users(ratio, gram_route):
+    """A spectrum reaching ``ratio * s_1``: above TRUSTED both the monitor's values and SR's
+    decomposition stay on the Gram route; below it both use LAPACK's values."""
+    a = collapsed(40, 100, ratio, seed=3)
+    a64 = a.double()
+    s_ref = torch.linalg.svdvals(a64)
+    gram = torch.linalg.eigvalsh(a64 @ a64.T, UPLO="U").flip(0).clamp_min(0).sqrt()
+    assert torch.equal(singular_values(a), gram if gram_route else s_ref)
+    dec = thin_svd(a)
+    dec.triplets(slice(None))  # every direction asked for, as the monitor asks
+    assert dec.is_exact is (not gram_route)
+    assert torch.allclose(dec.S, s_ref, rtol=1e-9, atol=1e-13 * float(s_ref[0]))
+
+
+def test_singular_values_of_a_non_finite_or_empty_matrix():
+    assert torch.isnan(singular_values(torch.full((3, 4), math.nan))).all()
+    assert len(singular_values(torch.full((3, 4), math.nan))) == 3
+    assert singular_values(torch.zeros(0, 5)).shape == (0,)
+    assert torch.equal(singular_values(torch.zeros(3, 2)), torch.zeros(2, dtype=torch.float64))

@@ -1,4 +1,5 @@
-"""The spectral monitor: exact spectra, the collapse alarm, the live switch, resume, plots."""
+"""The spectral monitor (callback ``spectral``): exact spectra, the collapse alarm, the switch
+(checkpoint, rebuild, resume), resume, plots."""
 
 from __future__ import annotations
 
@@ -20,14 +21,14 @@ from core import checkpoint as ckpt
 from core.registry import get_registry
 from core.recipe import converter, load_recipe
 from core.layers import raw_weight, regularized_layers, weight_matrix
+from core.interfaces import Callback
 from core.spectral.alarm import CollapseAlarm
-from core.spectral.config import SpectralSection
 from core.spectral.history import RunHistory
 from core.spectral.measure import monitored_layers, reading_weights, singular_values, summarize
-from core.spectral.monitor import SpectralMonitor, make_spectral_callbacks, watched
 from core.spectral.store import SpectraFile, layers_of, make_record, read_spectra, truncate
 from core.spectral.switch import switch_discriminator_regularizer
-from core.train import Trainer, TrainingCallback, build_trainer, make_accelerator
+from core.train import build_trainer, make_accelerator
+from plugins.callbacks.spectral_monitor import SpectralMonitor, SpectralSection, watched
 
 RECIPE = """
 seed = 3
@@ -80,7 +81,7 @@ def state_of(trainer) -> dict[str, torch.Tensor]:
             for n, v in trainer.unwrapped(m).state_dict().items()}
 
 
-class DriveToRankOne(TrainingCallback):
+class DriveToRankOne(Callback):
     """From iteration ``start`` on, multiplies every singular value but the first of one
     discriminator layer's raw weight by ``factor`` after each iteration: a synthetic collapse."""
 
@@ -119,6 +120,7 @@ def test_recorded_singular_values_equal_a_float64_svd_of_the_effective_weights(t
     D = trainer.unwrapped(trainer.D)
     spectra = read_spectra(tmp_path / "run" / "spectra.npy")
     assert spectra["iteration"].tolist() == [0, 1, 2, 3]
+    assert (tmp_path / "run" / "plots" / "summaries.png").is_file()  # drawn at the end
     layers = monitored_layers(D)
     assert [info.module for info, _ in layers][:10] == [
         "b1.c1", "b1.c2", "b1.sc", "b2.c1", "b2.c2", "b2.sc", "b3.c1", "b3.c2", "b4.c1", "b4.c2"]
@@ -345,13 +347,13 @@ def expected_alarm_iteration(spectra, key, drop=0.5):
 
 def test_alarm_fires_on_a_layer_driven_to_rank_one_and_not_on_a_healthy_run(tmp_path):
     recipe = recipe_of(tmp_path)
-    healthy = SpectralMonitor(SpectralSection(every=1), tmp_path / "healthy")
+    healthy = SpectralMonitor(SpectralSection(every=1, plots=False), tmp_path / "healthy")
     trainer_of(recipe, tmp_path / "healthy", [healthy]).fit()
     assert records(tmp_path / "healthy", "alarm") == []
     assert healthy.alarm.raised == []
 
     run = tmp_path / "collapsing"
-    monitor = SpectralMonitor(SpectralSection(every=1, action="checkpoint"), run)
+    monitor = SpectralMonitor(SpectralSection(every=1, plots=False, action="checkpoint"), run)
     trainer_of(recipe, run, [DriveToRankOne("b4.c2", start=2), monitor]).fit()
     spectra = read_spectra(run / "spectra.npy")
     when = expected_alarm_iteration(spectra, "layer_9")
@@ -371,7 +373,7 @@ def test_alarm_fires_on_a_layer_driven_to_rank_one_and_not_on_a_healthy_run(tmp_
 def test_an_ignored_1x1_shortcut_driven_to_rank_one_raises_nothing(tmp_path):
     recipe = recipe_of(tmp_path, ["train.iterations=4"])
     run = tmp_path / "run"
-    monitor = SpectralMonitor(SpectralSection(every=1), run)
+    monitor = SpectralMonitor(SpectralSection(every=1, plots=False), run)
     trainer_of(recipe, run, [DriveToRankOne("b2.sc", start=1, factor=0.05), monitor]).fit()
     assert expected_alarm_iteration(read_spectra(run / "spectra.npy"), "layer_5") is not None
     assert records(run, "alarm") == []
@@ -387,44 +389,81 @@ def parametrization_types(module):
             for name, layer in regularized_layers(module)}
 
 
-def test_switch_keeps_parameters_optimizer_and_power_iteration_vectors(tmp_path):
-    recipe = recipe_of(tmp_path)
+def named(model) -> dict[str, torch.Tensor]:
+    """Parameters by name as if no weight were parametrized (SN's and SR's layouts alike)."""
+    return {n.replace(".parametrizations.weight.original", ".weight"): p
+            for n, p in model.named_parameters()}
+
+
+def test_switch_keeps_weights_optimizer_moments_and_power_iteration_vectors(tmp_path):
+    recipe = recipe_of(tmp_path, ["train.lr_decay=none"])  # still learning after the last one
     trainer = trainer_of(recipe, tmp_path / "run")
     trainer.fit()  # some Adam state to keep
     D = trainer.unwrapped(trainer.D)
-    params = {n: p for n, p in D.named_parameters()}
-    us = {name: layer.parametrizations.weight[0]._u for name, layer in regularized_layers(D)}
-    raw = {k: v.clone() for k, v in params.items()}
-    adam = {id(p): trainer.opt_d.state[p]["exp_avg"].clone() for p in params.values()}
-    with torch.enable_grad():  # where DDP's gradient hooks sit; held, so a new one would show
-        accumulators = {n: p.view_as(p).grad_fn.next_functions[0][0] for n, p in params.items()}
-    new = switch_discriminator_regularizer(trainer, RESCUE)
+    raw = {n: p.detach().clone() for n, p in named(D).items()}
+    adam = {n: {k: v.clone() for k, v in trainer.opt_d.state[p].items()}
+            for n, p in named(D).items()}
+    us = {name: layer.parametrizations.weight[0]._u.clone()
+          for name, layer in regularized_layers(D)}
+    cpu_rng = torch.get_rng_state()
+    new = switch_discriminator_regularizer(trainer, RESCUE, seed=11)
+    assert torch.equal(torch.get_rng_state(), cpu_rng)  # the global stream is untouched
     assert trainer.d_reg is new and type(new) is get_registry().regularizers[RESCUE]
+    # a new network with the new regularizer, trained by a new optimizer...
+    D2 = trainer.unwrapped(trainer.D)
     fresh = get_registry().create("regularizers", RESCUE).apply(
         recipe.architecture.create().build_discriminator())
-    assert parametrization_types(D) == parametrization_types(fresh)
-    after = dict(D.named_parameters())
-    assert {n.replace(".parametrizations.weight.original", ".weight") for n in after} == \
-        {n.replace(".parametrizations.weight.original", ".weight") for n in params}
-    optimized = {id(p) for group in trainer.opt_d.param_groups for p in group["params"]}
+    assert parametrization_types(D2) == parametrization_types(fresh)
+    assert parametrization_types(D2) != parametrization_types(D)
+    optimized = [p for group in trainer.opt_d.param_groups for p in group["params"]]
+    assert [id(p) for p in optimized] == [id(p) for p in D2.parameters()]
+    # ... holding what the old one had: weights, Adam moments and step, SN's vectors
+    after = named(D2)
+    assert after.keys() == raw.keys()
     for name, p in after.items():
-        assert p is params[name] and id(p) in optimized, name
         assert torch.equal(p, raw[name]), name
-        assert torch.equal(trainer.opt_d.state[p]["exp_avg"], adam[id(p)]), name
-        with torch.enable_grad():
-            assert p.view_as(p).grad_fn.next_functions[0][0] is accumulators[name], name
-    for name, layer in regularized_layers(D):
-        assert layer.parametrizations.weight[0]._u is us[name], name
+        state = trainer.opt_d.state[p]
+        assert state.keys() == adam[name].keys(), name
+        for key, value in adam[name].items():
+            assert torch.equal(state[key], value), f"{name}.{key}"
+    for name, layer in regularized_layers(D2):
+        assert torch.equal(layer.parametrizations.weight[0]._u, us[name]), name
+    # the new regularizer's own state starts fresh: SR-d has not initialized its gamma yet
+    compensated = [layer.parametrizations.weight[0] for _, layer in regularized_layers(D2)
+                   if hasattr(layer.parametrizations.weight[0], "_initialized")]
+    assert len(compensated) >= 9 and not any(bool(p._initialized) for p in compensated)
+    # it went through a checkpoint of the run as it was, kept
+    saved = ckpt.resolve_checkpoint(tmp_path / "run", f"switch_{ckpt.checkpoint_name(6)}")
+    assert ckpt.read_state(saved)["iteration"] == 6
+    trainer.train_iteration()  # and it trains
+    assert any(not torch.equal(p, raw[n]) for n, p in named(D2).items())
+
+
+def test_the_rebuilt_discriminator_is_a_function_of_its_seed_alone():
+    from core.spectral.switch import build_regularized_discriminator
+
+    arch = get_registry().create("architectures", "resnet32",
+                                 get_registry().architectures["resnet32"].Config(ch=8, g_ch=8))
+    reg = get_registry().create("regularizers", RESCUE)
+    built = []
+    for seed, noise in ((5, 0), (5, 3), (6, 0)):
+        torch.rand(noise)  # the global stream elsewhere: must not matter
+        before = torch.get_rng_state()
+        built.append(build_regularized_discriminator(arch, reg, seed).state_dict())
+        assert torch.equal(torch.get_rng_state(), before)  # and is left as it was
+    (a, b, c) = built
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_switch_action_continues_training_with_sr_dynamic(tmp_path, monkeypatch):
     recipe = recipe_of(tmp_path)
     run = tmp_path / "run"
-    config = SpectralSection(every=1, action="switch", switch_to=RESCUE)
+    config = SpectralSection(every=1, plots=False, action="switch", switch_to=RESCUE)
     monitor = SpectralMonitor(config, run)
     at_switch = {}
 
-    class Watch(TrainingCallback):  # after the monitor: sees the switch as soon as it happens
+    class Watch(Callback):  # after the monitor: sees the switch as soon as it happens
         def on_iteration_end(self, trainer, iteration):
             if monitor.switched and not at_switch:
                 at_switch.update(iteration=iteration, state=state_of(trainer))
@@ -444,7 +483,11 @@ def test_switch_action_continues_training_with_sr_dynamic(tmp_path, monkeypatch)
     when = monitor.switched["iteration"]
     assert when == at_switch["iteration"] and when < recipe.train.iterations
     assert monitor.switched["to"] == RESCUE and monitor.switched["from"] == "sn"
-    assert isinstance(trainer.d_reg, rescue_cls)
+    assert isinstance(trainer.d_reg, rescue_cls) and trainer.d_reg.name == RESCUE
+    # the switch went through its checkpoint, which says it switched (a resume replays it)
+    saved = ckpt.resolve_checkpoint(run, f"switch_{ckpt.checkpoint_name(when)}")
+    spectral_state = ckpt.read_state(saved)["callbacks"][monitor.name]
+    assert spectral_state["switched"]["iteration"] == when
     D = trainer.unwrapped(trainer.D)
     fresh = rescue_cls().apply(recipe.architecture.create().build_discriminator())
     assert parametrization_types(D) == parametrization_types(fresh)
@@ -456,6 +499,36 @@ def test_switch_action_continues_training_with_sr_dynamic(tmp_path, monkeypatch)
     assert len(moved) >= 10
     alarm = records(run, "alarm")[0]
     assert alarm["action"] == "switch" and alarm["switched"] == {"from": "sn", "to": RESCUE}
+    assert alarm["checkpoint"] == str(saved)
+
+
+def test_resuming_from_the_switch_checkpoint_continues_exactly_as_the_switched_run(tmp_path):
+    """Switching is checkpoint -> rebuild -> resume: a run resumed from the switch's own
+    checkpoint ends bit-identical to the run that switched in process."""
+    recipe = recipe_of(tmp_path)
+    config = SpectralSection(every=1, plots=False, action="switch", switch_to=RESCUE)
+
+    def callbacks(run):
+        return [DriveToRankOne("b4.c2", start=2), SpectralMonitor(config, run)]
+
+    straight = trainer_of(recipe, tmp_path / "straight", callbacks(tmp_path / "straight"))
+    straight.fit()
+    when = straight.callbacks[1].switched["iteration"]
+    assert when < recipe.train.iterations
+    switch = ckpt.resolve_checkpoint(tmp_path / "straight", f"switch_{ckpt.checkpoint_name(when)}")
+    run = tmp_path / "resumed"
+    resumed = trainer_of(recipe, run, callbacks(run))
+    resumed.resume(switch)
+    assert resumed.d_reg.name == "sn"  # the recipe's; on_start replays the switch
+    resumed.fit()
+    assert type(resumed.d_reg) is type(straight.d_reg)
+    reference, got = state_of(straight), state_of(resumed)
+    assert reference.keys() == got.keys()
+    for name in reference:
+        assert torch.equal(reference[name], got[name]), name
+    a, b = straight.opt_d.state_dict()["state"], resumed.opt_d.state_dict()["state"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[i]["exp_avg_sq"], b[i]["exp_avg_sq"]) for i in a)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,7 +536,7 @@ def test_switch_action_continues_training_with_sr_dynamic(tmp_path, monkeypatch)
 # ---------------------------------------------------------------------------------------------
 
 
-class Interrupt(TrainingCallback):
+class Interrupt(Callback):
     def __init__(self, at):
         self.at = at
 
@@ -475,7 +548,7 @@ class Interrupt(TrainingCallback):
 @pytest.mark.parametrize("action", ["warn", "switch"])
 def test_records_survive_resume_without_gaps_or_duplicates(tmp_path, action):
     recipe = recipe_of(tmp_path, ["checkpoint.every=3"])
-    config = SpectralSection(every=1, action=action, switch_to=RESCUE)
+    config = SpectralSection(every=1, plots=False, action=action, switch_to=RESCUE)
 
     def callbacks(run):
         return [DriveToRankOne("b4.c2", start=1, factor=0.1), SpectralMonitor(config, run)]
@@ -529,12 +602,28 @@ def test_spectral_section_is_structured_strictly():
     assert SpectralSection(switch_to="nonexistent").action == "warn"
 
 
-def test_factory_reads_the_recipe_section(tmp_path):
+def test_the_monitor_comes_from_the_recipe_s_callback_table_and_is_on_by_default(tmp_path):
+    default = recipe_of(tmp_path)  # no [callbacks.spectral]: default-enabled
+    assert default.callbacks["spectral"].config == SpectralSection()
+    recipe = recipe_of(tmp_path, ["callbacks.spectral.every=2",
+                                  "callbacks.spectral.action=checkpoint"])
+    trainer = build_trainer(recipe, tmp_path / "run", make_accelerator(recipe))
+    (monitor,) = trainer.callbacks
+    assert isinstance(monitor, SpectralMonitor) and monitor.name == "spectral"
+    assert monitor.config == SpectralSection(every=2, action="checkpoint")
+    assert trainer_of(recipe, tmp_path / "none").callbacks == []  # explicit callbacks: as given
+
+
+def test_switch_from_an_unregularized_discriminator_is_refused_before_training(tmp_path):
+    from core.errors import SpecregError
+
     recipe = recipe_of(tmp_path)
-    callbacks = make_spectral_callbacks(recipe, tmp_path / "run")
-    assert len(callbacks) == 1 and isinstance(callbacks[0], SpectralMonitor)
-    expected = getattr(recipe, "spectral", SpectralSection())
-    assert callbacks[0].config == expected
+    recipe.discriminator.regularizer = None
+    monitor = SpectralMonitor(SpectralSection(action="switch", switch_to=RESCUE))
+    trainer = trainer_of(recipe, tmp_path / "run", [monitor])
+    with pytest.raises(SpecregError, match="needs a discriminator regularizer"):
+        trainer.fit()
+    assert trainer.iteration == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -551,7 +640,8 @@ def test_plot_command_writes_every_figure_for_one_run_and_for_several(tmp_path):
     runs = []
     for name, drive in (("a", None), ("b", DriveToRankOne("b4.c2", start=2))):
         run = tmp_path / name
-        callbacks = [c for c in (drive, SpectralMonitor(SpectralSection(every=1), run)) if c]
+        monitor = SpectralMonitor(SpectralSection(every=1, plots=False), run)
+        callbacks = [c for c in (drive, monitor) if c]
         trainer = trainer_of(recipe, run, callbacks)
         trainer.fit()
         trainer.log = type(trainer.log)(run, tensorboard=False)
@@ -601,14 +691,13 @@ sys.path.insert(0, {tests!r})
 from test_spectral import DriveToRankOne
 from core.recipe import load_recipe
 from core.run import shutdown
-from core.spectral.config import SpectralSection
-from core.spectral.monitor import SpectralMonitor
 from core.train import build_trainer, make_accelerator
+from plugins.callbacks.spectral_monitor import SpectralMonitor, SpectralSection
 
 out = Path(sys.argv[1])
 recipe = load_recipe(sys.argv[2], sys.argv[3:])
 acc = make_accelerator(recipe)
-config = SpectralSection(every=1, action="switch", switch_to={rescue!r})
+config = SpectralSection(every=1, plots=False, action="switch", switch_to={rescue!r})
 monitor = SpectralMonitor(config, out / "run")
 trainer = build_trainer(recipe, out / "run", acc, callbacks=[DriveToRankOne("b4.c2", start=2), monitor])
 trainer.fit()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -140,8 +141,11 @@ def orthogonal(monkeypatch):
     finally:
         if added:
             registry.remove(provider)
+        # only the example's modules: dropping everything imported meanwhile (torch.distributed
+        # modules that accelerate imports on first use) would register torch's operators twice
         for name in set(sys.modules) - before:
-            del sys.modules[name]
+            if name.partition(".")[0] == "specreg_orthogonal":
+                del sys.modules[name]
 
 
 def _table(**networks) -> dict:
@@ -212,7 +216,7 @@ def test_the_loop_adds_the_loss_term_to_its_networks_loss_once_per_step(
 
 def _env() -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INDEX": "1"}
+           "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     env.pop("SPECREG_STRICT_PLUGINS", None)
     return env
 
@@ -225,6 +229,36 @@ def _run(args: list, cwd: Path = REPO, timeout: int = 300) -> subprocess.Complet
 def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+def _site_directories() -> list[str]:
+    """The site directories the running interpreter uses, in its order: this virtual environment's
+    when the tests run in one (plus the base installation's if it was made with
+    ``--system-site-packages``), the base installation's otherwise."""
+    known = {*site.getsitepackages(), site.getusersitepackages()}
+    return [entry for entry in sys.path if entry in known and Path(entry).is_dir()]
+
+
+def _venv_seeing_this_environment(venv: Path) -> Path:
+    """A throwaway virtual environment whose packages are its own first, then the running
+    environment's; returns its python.
+
+    ``python -m venv --system-site-packages`` is not that when the tests run in a virtual
+    environment: a venv's "system" is always the *base* installation (``pyvenv.cfg``'s ``home``),
+    so a nested venv would see the base interpreter's packages (on a fresh machine: no torch, no
+    specreg, an old setuptools) instead of this environment's. A ``.pth`` file in the new venv's
+    site-packages runs ``site.addsitedir`` on each of this environment's site directories: they
+    come after the venv's own (what is installed there wins), and their ``.pth`` files are
+    processed too (specreg's editable install is one).
+    """
+    _ok(_run([sys.executable, "-m", "venv", "--without-pip", venv]))
+    python = venv / "bin" / "python"
+    purelib = Path(_ok(_run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"]))
+                   .stdout.strip())
+    assert venv in purelib.parents
+    lines = "; ".join(f"site.addsitedir({entry!r})" for entry in _site_directories())
+    (purelib / "_running_environment.pth").write_text(f"import site; {lines}\n")
+    return python
 
 
 def _copy_package(source: Path, dest: Path) -> Path:
@@ -259,10 +293,14 @@ def _broken_copy(package: Path, dest: Path) -> Path:
 @pytest.mark.slow
 def test_example_package_installs_lists_trains_passes_the_kit_and_uninstalls(tmp_path):
     venv = tmp_path / "venv"  # throwaway: nothing is left in the test environment
-    _ok(_run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv]))
-    python = venv / "bin" / "python"
+    python = _venv_seeing_this_environment(venv)
+    # it sees the packages of the environment running the tests (not the base interpreter's)
+    seen = _ok(_run([python, "-c", "import torch, pytest; print(torch.__file__, pytest.__file__)"]))
+    assert seen.stdout.split() == [torch.__file__, pytest.__file__]
     package = _copy_package(EXAMPLE, tmp_path / "specreg-orthogonal")
-    install = [python, "-m", "pip", "install", "--quiet", "--no-build-isolation", "--no-deps"]
+    # as a user installs it (``pip install PATH``: an isolated build with the setuptools its
+    # pyproject.toml asks for); --no-deps: specreg and torch are this environment's
+    install = [python, "-m", "pip", "install", "--quiet", "--no-deps"]
     _ok(_run([*install, package]))
 
     # the package's own tests: the conformance kit (slow multi-process check included), numerics

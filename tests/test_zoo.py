@@ -98,7 +98,11 @@ def test_sr_recipes_cover_table_i_with_the_papers_settings():
             if dataset == "imagenet":  # SPEC §4, right column
                 assert recipe.architecture.name == "resnet128", name
                 assert recipe.architecture.config.num_classes == 1000, name
+                assert recipe.architecture.config.block == "sngan", name  # 17 convs
                 assert (t.lr_g, t.lr_d, t.n_critic) == (1e-4, 4e-4, 1), name
+                # the authors' config.yml (issue 11 point 2): n_gen_samples = batchsize,
+                # iteration_decay_start = iteration (no decay); betas stay the paper's
+                assert (t.lr_decay, t.g_batch_multiplier) == ("none", 1), name
                 assert recipe.generator.regularizer.name == "sn", name
                 expected = "sn" if reg == "sn" else "sr_dynamic"
                 assert d_reg.name == expected, name
@@ -115,6 +119,22 @@ def test_sr_recipes_cover_table_i_with_the_papers_settings():
                 assert d_reg.name == ("sn" if reg == "sn" else "sr_static"), name
                 if reg == "sr":
                     assert d_reg.config.fraction == 0.5, name
+
+
+def test_headers_never_place_a_setting_in_a_table_that_lacks_it():
+    """Issue 11 point 9: E16-128 is not in Tables I/II (only in the appendix's Fig. 20), so its
+    recipes' headers must not call it a "Table I setting"; the others' must."""
+    in_table_i = {(g, b, c, d) for g, b, c, d in TABLE_I if (g, b, c) != ("E", 16, 128)}
+    for path in ZOO.glob("*.toml"):
+        match = SR_NAME.fullmatch(path.name)
+        if not match:
+            continue
+        dataset, group, batch, ch, _ = match.groups()
+        header = " ".join(line.lstrip("# ") for line in path.read_text().splitlines()
+                          if line.startswith("#"))
+        listed = (group, int(batch), int(ch), dataset) in in_table_i
+        assert ("Table I setting" in header) == listed, (path.name, header)
+        assert ("not in Tables I/II" in header) == (not listed), (path.name, header)
 
 
 def test_bssn_recipes_cover_the_four_normalizations():
@@ -156,25 +176,32 @@ def test_recipe_loads_and_dry_runs(path):
 def test_imagenet_plan_splits_the_global_batch_over_processes():
     recipe = load_recipe(ZOO / "imagenet_E2048-64.toml", TINY["resnet128"])
     plan = dry_run(recipe, "zoo/imagenet_E2048-64.toml", processes=8)
-    # 2048 = 64 per micro-batch x 8 processes x 4 accumulation steps; G draws twice as many
+    # 2048 = 64 per micro-batch x 8 processes x 4 accumulation steps; G draws as many (the
+    # authors' config.yml: n_gen_samples = batchsize)
     assert "global batch 2048 = micro-batch 64 x 8 process(es) x 4 accumulation step(s)" in plan
-    assert "generator batch 4096 = 128 x 8 x 4" in plan
+    assert "generator batch 2048 = 64 x 8 x 4" in plan
 
 
 IMAGENET = sorted(ZOO.glob("imagenet_*.toml")) + sorted((ZOO / "bssn").glob("imagenet_*.toml"))
 
 
 @pytest.mark.parametrize("path", IMAGENET, ids=_id)
-def test_imagenet_discriminators_regularize_17_convs(path):
-    """Unmodified (ch 64) discriminators: the SR paper's 17 conv layers (layer_0..layer_16)."""
+def test_imagenet_discriminators_regularize_the_authors_convs(path):
+    """Unmodified (ch 64) discriminators: the SR paper's 17 conv layers (layer_0..layer_16,
+    SN-GAN's blocks); the BSSN recipes the BSSN authors' 18 (a 1x1 shortcut in every block,
+    issue 11 point 3)."""
     recipe = load_recipe(path)
+    bssn = path.parent.name == "bssn"
+    assert recipe.architecture.config.block == ("bsn" if bssn else "sngan")
     torch.manual_seed(0)
     D = recipe.architecture.create().build_discriminator()
     D = recipe.discriminator.regularizer.create().apply(D)
     convs = [n for n, m in regularized_layers(D) if isinstance(m, torch.nn.Conv2d)]
-    assert len(convs) == 17
-    assert describe_regularized(D).startswith(
-        f"{19 if recipe.architecture.config.num_classes else 18} layers (17 conv, 1 linear")
+    n_conv = 18 if bssn else 17
+    assert len(convs) == n_conv
+    assert (D.b6.sc is not None) == bssn
+    layers = n_conv + 1 + (1 if recipe.architecture.config.num_classes else 0)
+    assert describe_regularized(D).startswith(f"{layers} layers ({n_conv} conv, 1 linear")
 
 
 @pytest.mark.slow
@@ -183,7 +210,7 @@ def test_cli_dry_run_of_e2048_prints_the_batch_arithmetic():
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "global batch 2048 = micro-batch 64 x 1 process(es) x 32 accumulation step(s)" in out
-    assert "generator batch 4096 = 128 x 1 x 32" in out
+    assert "generator batch 2048 = 64 x 1 x 32" in out
     assert "D: sr_dynamic on 19 layers (17 conv, 1 linear, 1 embedding)" in out
     assert "G: sn on " in out
     assert "- OK" in out

@@ -44,6 +44,7 @@ class SrSetting:
     sr: tuple[str, str] | None
     #: mode (and spectral) collapse under SN, Table II's MC/SC columns.
     sn_collapses: bool = False
+    #: where the paper has a setting that is not in Table I: where it appears instead.
     note: str = ""
 
     @property
@@ -96,7 +97,7 @@ SR_SETTINGS: tuple[SrSetting, ...] = (
     _d(512, ("8.33 ± .09", "22.58 ± .16"), ("8.36 ± .12", "21.82 ± .29")),
     # E16-128 is not in Tables I/II; it appears only in the appendix's sample figures (Fig. 20).
     _e(16, 128, "stl10", None, None,
-       note="E16-128 is not in Tables I/II, only in the appendix's sample figures (Fig. 20)"),
+       note="only in the appendix's sample figures, Fig. 20; not in Tables I/II"),
     _e(64, 128, "stl10", ("8.98 ± .20", "42.40 ± .56"), ("9.14 ± .18", "39.89 ± .89")),
     _e(256, 128, "stl10", ("9.10 ± .13", "40.11 ± .89"), ("9.11 ± .17", "40.08 ± .29")),
     _e(256, 64, "stl10", ("7.38 ± .14", "74.50 ± 1.52"), ("7.67 ± .06", "69.20 ± .83"),
@@ -124,9 +125,16 @@ def sr_file_name(setting: SrSetting, regularizer: str) -> str:
     return f"{setting.dataset}_{setting.name}_{regularizer}.toml"
 
 
+def _where(setting: SrSetting) -> str:
+    """Where the paper has the setting: Table I, or (no numbers) only the ``note``'s place."""
+    if setting.sn is None or setting.sr is None:
+        return f"setting {setting.name} ({setting.note})"
+    return f"Table I setting {setting.name}"
+
+
 def _results_comment(setting: SrSetting) -> str:
     if setting.sn is None or setting.sr is None:
-        return _comment(f"Table II: no numbers; {setting.note}.")
+        return _comment("Table II: no numbers for this setting.")
     collapse = "SN mode-collapses (and spectrally collapses)" if setting.sn_collapses \
         else "no collapse under SN"
     return _comment(f"Table II: SN IS {setting.sn[0]}, FID {setting.sn[1]}; "
@@ -155,7 +163,7 @@ def sr_recipe(setting: SrSetting, regularizer: str) -> str:
     kind = "class-conditional, " if imagenet else ""
     lines = [
         HEADER,
-        _comment(f"SR paper (Liu et al. 2019), Table I setting {setting.name}: {title}, {kind}"
+        _comment(f"SR paper (Liu et al. 2019), {_where(setting)}: {title}, {kind}"
                  f"batch {setting.batch}, CH {setting.ch}. Discriminator: {flavour}."),
         _results_comment(setting),
         f'extends = "{SR_BASES[setting.dataset]}"\n',

@@ -77,7 +77,7 @@ def evaluate_run(args: argparse.Namespace) -> int:
     from core.eval.runner import evaluate, format_table
     from core.interfaces import EvaluationContext
     from core.recipe import load_recipe
-    from core.run import RECIPE_FILE
+    from core.run_folder import RECIPE_FILE
     from core.train import build_models
 
     run_dir = Path(args.run_dir)

@@ -75,7 +75,7 @@ class RunHistory:
             raise SpecregError(f"{run_dir}: no such run folder")
         if not path.is_file():
             raise SpecregError(f"{run_dir}: no {FILENAME} (spectral records); was the run trained "
-                               f"with the spectral monitor on ([spectral] every > 0)?")
+                               f"with the spectral monitor on ([callbacks.spectral] every > 0)?")
         spectra = read_spectra(path)
         records = read_metrics(run_dir)
         alarms = [r for r in records if r.get("event") == "alarm"]

@@ -24,16 +24,14 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from core import svd
 from core.layers import (LAYER_TYPES, frozen_state, parametrizations_of, raw_weight,
-                              weight_layers, weight_matrix)
+                         weight_layers, weight_matrix)
 from core.spectral.summary import ABOVE, SUMMARY_KEYS, LayerInfo, summarize
 
 __all__ = ["LayerInfo", "LayerSpectrum", "monitored_layers", "reading_weights",
            "effective_weight", "singular_values", "measure_layer", "power_iteration_sigma",
-           "summarize", "SUMMARY_KEYS", "ABOVE", "TRUSTED"]
-
-#: the Gram route is trusted while every ``s_j / s1`` is at least this (else LAPACK's SVD).
-TRUSTED = 1e-3
+           "summarize", "SUMMARY_KEYS", "ABOVE"]
 
 
 def monitored_layers(model: nn.Module) -> list[tuple[LayerInfo, nn.Module]]:
@@ -107,23 +105,10 @@ class LayerSpectrum:
 
 
 def singular_values(matrix: torch.Tensor) -> np.ndarray:
-    """All singular values of a 2-D matrix, descending, exact in float64.
-
-    Through the small Gram matrix ``A A^T`` (``r x r``, float64 ``eigvalsh``; several times
-    faster than an SVD of the wide matrix): its absolute error ``~ r eps s1^2`` leaves every
-    ``s_j >= TRUSTED * s1`` accurate far beyond the float32 the records keep. A spectrum reaching
-    below that (a collapsed layer) is recomputed by LAPACK's SVD, accurate for every value.
-    """
-    a = matrix.detach().to(torch.float64)  # the Gram product on the weight's device
-    if a.shape[0] > a.shape[1]:
-        a = a.mT
-    if not bool(torch.isfinite(a).all()):
-        return np.full(min(a.shape), np.nan)
-    eig = torch.linalg.eigvalsh((a @ a.mT).cpu()).numpy()[::-1]
-    s = np.sqrt(np.clip(eig, 0.0, None))
-    if s.size and s[0] > 0 and s[-1] >= TRUSTED * s[0]:
-        return s.copy()
-    return torch.linalg.svdvals(a.cpu()).numpy()
+    """All singular values of a 2-D matrix, descending, exact in float64 (NaN if it holds a
+    non-finite value): :func:`core.svd.singular_values`, the Gram route with LAPACK below its
+    trust threshold :data:`core.svd.TRUSTED`, as a numpy array."""
+    return svd.singular_values(matrix).numpy()
 
 
 def measure_layer(layer: nn.Module) -> LayerSpectrum:

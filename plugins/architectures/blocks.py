@@ -2,7 +2,7 @@
 
 The architectures in :mod:`plugins.architectures.resnet` are stacks of these blocks::
 
-    g = GBlock(256, 256)                    # BN-ReLU-up-conv3x3-BN-ReLU-conv3x3 + up-conv1x1
+    g = GBlock(256, 256)                    # BN-ReLU-up-conv3x3-BN-ReLU-conv3x3 + conv1x1-up
     d1 = OptimizedDBlock(3, 128)            # first block of every discriminator
     d2 = DBlock(128, 128, down=True)
 
@@ -15,11 +15,30 @@ No activation is applied in place: every block's shortcut sees the block's input
 (SPEC §3). Initialization follows the authors' code: Xavier-uniform (Glorot & Bengio 2010) with
 gain sqrt(2) for the convolutions of the residual path, gain 1 for shortcuts, linear layers and
 output convolutions; biases start at zero.
+
+Two variants of the discriminator block exist in the authors' code and both are offered:
+SN-GAN's ``DBlock(in, out)`` (hidden channels = ``in``, identity shortcut when ``in == out`` and
+no downsampling; pfnet-research/sngan_projection ``dis_models/resblocks.py``, also the SR
+authors') and the BSSN authors' (hidden channels = ``out``, a learnable 1x1 shortcut in every
+block; fjxmlzn/BSN ``no_gamma-ResNet/gan/op.py`` ``down_resnet``)::
+
+    DBlock(128, 256, down=True, hidden_channels=256, learnable_shortcut=True)   # BSN's
+
+Batch normalization's epsilon is a parameter (``bn_eps``): the Chainer code of SN-GAN and SR
+uses Chainer's default 2e-5, the BSSN authors' TensorFlow code 1e-5 (torch's default).
+
+The generator block's shortcut is written upsample-conv1x1 in the paper and the authors' code;
+``GBlock`` runs the 1x1 convolution first. A 1x1 convolution acts on each pixel alone and nearest
+upsampling copies pixels, so the two orders give the same output (up to float rounding) with a
+quarter of the shortcut's work; parameters are the same. :func:`upsample_before_shortcut_conv`
+restores the paper's order, for benchmarks and tests only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -27,15 +46,20 @@ from torch import nn
 
 __all__ = [
     "RESIDUAL_GAIN",
+    "CHAINER_BN_EPS",
     "xavier_init",
     "ConditionalBatchNorm2d",
     "GBlock",
     "DBlock",
     "OptimizedDBlock",
+    "upsample_before_shortcut_conv",
 ]
 
 #: Xavier-uniform gain of the convolutions on a block's residual path (the authors' code).
 RESIDUAL_GAIN = math.sqrt(2.0)
+#: batch normalization's epsilon in the SN-GAN / SR Chainer code (``L.BatchNormalization`` and
+#: ``CategoricalConditionalBatchNormalization`` default ``eps=2e-5``).
+CHAINER_BN_EPS = 2e-5
 
 
 def xavier_init(layer: nn.Module, gain: float = 1.0) -> nn.Module:
@@ -52,6 +76,22 @@ def _upsample(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2, mode="nearest")
 
 
+#: GBlock's shortcut order: True = conv1x1 then upsample (the fast, equal order; the default).
+_SHORTCUT_CONV_FIRST = True
+
+
+@contextlib.contextmanager
+def upsample_before_shortcut_conv() -> Iterator[None]:
+    """Within the block, every :class:`GBlock` shortcut runs the paper's order, upsample then
+    conv1x1 (4x the work, same result): for benchmarks and tests only, not a recipe setting."""
+    global _SHORTCUT_CONV_FIRST
+    previous, _SHORTCUT_CONV_FIRST = _SHORTCUT_CONV_FIRST, False
+    try:
+        yield
+    finally:
+        _SHORTCUT_CONV_FIRST = previous
+
+
 class ConditionalBatchNorm2d(nn.Module):
     """Class-conditional batch normalization (de Vries et al. 2017; Miyato & Koyama 2018):
     ``BN(x) * gain[y] + bias[y]``, with shared batch statistics and per-class gain and bias.
@@ -63,9 +103,9 @@ class ConditionalBatchNorm2d(nn.Module):
     the architecture.
     """
 
-    def __init__(self, channels: int, num_classes: int) -> None:
+    def __init__(self, channels: int, num_classes: int, eps: float = 1e-5) -> None:
         super().__init__()
-        self.bn = nn.BatchNorm2d(channels, affine=False)
+        self.bn = nn.BatchNorm2d(channels, affine=False, eps=eps)
         self.gain = nn.Parameter(torch.ones(num_classes, channels))
         self.bias = nn.Parameter(torch.zeros(num_classes, channels))
 
@@ -76,9 +116,9 @@ class ConditionalBatchNorm2d(nn.Module):
         return h * self.gain[y][:, :, None, None] + self.bias[y][:, :, None, None]
 
 
-def _batch_norm(channels: int, num_classes: int) -> nn.Module:
-    return ConditionalBatchNorm2d(channels, num_classes) if num_classes > 0 \
-        else nn.BatchNorm2d(channels)
+def _batch_norm(channels: int, num_classes: int, eps: float = 1e-5) -> nn.Module:
+    return ConditionalBatchNorm2d(channels, num_classes, eps) if num_classes > 0 \
+        else nn.BatchNorm2d(channels, eps=eps)
 
 
 def _normalize(bn: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
@@ -88,15 +128,17 @@ def _normalize(bn: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> torch.
 class GBlock(nn.Module):
     """Generator block ``GBlock(in, out)`` (SPEC §3): residual path
     BN-ReLU-upsample(nearest, x2)-conv3x3(in->out)-BN-ReLU-conv3x3(out->out), shortcut
-    upsample-conv1x1(in->out). With ``num_classes > 0`` both BNs are class-conditional.
+    upsample-conv1x1(in->out), computed as conv1x1-upsample (equal, see the module docstring).
+    With ``num_classes > 0`` both BNs are class-conditional; ``bn_eps`` is their epsilon.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, num_classes: int = 0) -> None:
+    def __init__(self, in_channels: int, out_channels: int, num_classes: int = 0,
+                 bn_eps: float = 1e-5) -> None:
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.bn1 = _batch_norm(in_channels, num_classes)
+        self.bn1 = _batch_norm(in_channels, num_classes, bn_eps)
         self.c1 = xavier_init(nn.Conv2d(in_channels, out_channels, 3, padding=1), RESIDUAL_GAIN)
-        self.bn2 = _batch_norm(out_channels, num_classes)
+        self.bn2 = _batch_norm(out_channels, num_classes, bn_eps)
         self.c2 = xavier_init(nn.Conv2d(out_channels, out_channels, 3, padding=1), RESIDUAL_GAIN)
         self.sc = xavier_init(nn.Conv2d(in_channels, out_channels, 1), 1.0)
 
@@ -107,6 +149,8 @@ class GBlock(nn.Module):
         return self.c2(h)
 
     def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        if _SHORTCUT_CONV_FIRST:  # per-pixel conv commutes with nearest upsampling
+            return _upsample(self.sc(x))
         return self.sc(_upsample(x))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -115,17 +159,29 @@ class GBlock(nn.Module):
 
 class DBlock(nn.Module):
     """Discriminator block ``DBlock(in, out, down)`` (SPEC §3): residual path
-    ReLU-conv3x3(in->in)-ReLU-conv3x3(in->out)(-avgpool2 if ``down``); shortcut
-    conv1x1(in->out)(-avgpool2) when ``in != out or down``, identity otherwise.
+    ReLU-conv3x3(in->hidden)-ReLU-conv3x3(hidden->out)(-avgpool2 if ``down``); shortcut
+    conv1x1(in->out)(-avgpool2) when learnable, identity otherwise.
+
+    Defaults are SN-GAN's block: ``hidden_channels = in`` and a learnable shortcut only when
+    ``in != out or down``. The BSSN authors' block is ``hidden_channels = out,
+    learnable_shortcut = True`` (fjxmlzn/BSN ``no_gamma-ResNet/gan/op.py``, ``down_resnet``).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, down: bool = False) -> None:
+    def __init__(self, in_channels: int, out_channels: int, down: bool = False,
+                 hidden_channels: int | None = None,
+                 learnable_shortcut: bool | None = None) -> None:
         super().__init__()
         self.in_channels, self.out_channels, self.down = in_channels, out_channels, down
-        hidden = in_channels
+        hidden = in_channels if hidden_channels is None else hidden_channels
+        self.hidden_channels = hidden
         self.c1 = xavier_init(nn.Conv2d(in_channels, hidden, 3, padding=1), RESIDUAL_GAIN)
         self.c2 = xavier_init(nn.Conv2d(hidden, out_channels, 3, padding=1), RESIDUAL_GAIN)
-        self.learnable_shortcut = in_channels != out_channels or down
+        if learnable_shortcut is None:
+            learnable_shortcut = in_channels != out_channels or down
+        elif not learnable_shortcut and in_channels != out_channels:
+            raise ValueError(f"DBlock({in_channels}, {out_channels}): an identity shortcut needs "
+                             "in_channels == out_channels")
+        self.learnable_shortcut = learnable_shortcut
         self.sc = xavier_init(nn.Conv2d(in_channels, out_channels, 1), 1.0) \
             if self.learnable_shortcut else None
 

@@ -108,9 +108,9 @@ class StandardCNN(Architecture):
         #: generator width after the linear layer (then g/2, g/4, g/8); a multiple of 8.
         g_ch: int = 512
 
-    def __init__(self, config=None) -> None:
-        super().__init__(config)
-        arch = self.name or "cnn"
+    def __init__(self, config=None, name: str | None = None) -> None:
+        super().__init__(config, name)
+        arch = self.name
         check_choice(arch, "resolution", self.config.resolution, RESOLUTIONS)
         check_positive(arch, self.config, ("z_dim", "ch", "g_ch"))
         if self.config.g_ch % 8:

@@ -13,6 +13,13 @@ Module names are the paper's layer numbering: the discriminator's convolutions, 
 ``named_modules()`` order, are ``b1.c1, b1.c2, b1.sc, b2.c1, ...`` (layer_0, layer_1, ...), then
 ``linear`` and (conditional) the projection ``embed``. The generator's spectral normalization
 for ImageNet is not part of the architecture: recipes apply the ``sn`` regularizer to G.
+
+Where the reference code differs by model, so do these (SPEC §3): the 32x32 discriminator's
+final Linear has no bias (``nobias=True`` in SN-GAN's ``snresnet_32.py`` and the SR authors'
+``dis.py``), the 128x128 one has one (SN-GAN's ``snresnet.py``, the SR authors' ``Dis.py``);
+``resnet128``'s ``block = "bsn"`` builds the BSSN authors' discriminator (fjxmlzn/BSN
+``no_gamma-ResNet``: hidden channels = out and a learnable shortcut in every block, 18 convs);
+``bn_eps`` defaults to the Chainer code's 2e-5 (the BSSN authors' TensorFlow code: 1e-5).
 """
 
 from __future__ import annotations
@@ -26,13 +33,18 @@ from torch import nn
 
 from core.hookspecs import hookimpl
 from core.interfaces import Architecture
-from plugins.architectures.blocks import DBlock, GBlock, OptimizedDBlock, xavier_init
-from plugins.architectures.validation import check_nonnegative, check_positive
+from plugins.architectures.blocks import (CHAINER_BN_EPS, DBlock, GBlock, OptimizedDBlock,
+                                          xavier_init)
+from plugins.architectures.validation import (ArchitectureConfigError, check_choice,
+                                              check_nonnegative, check_positive)
 
 __all__ = ["ResNetGenerator", "ResNetDiscriminator", "ResNet32", "ResNet128"]
 
 #: spatial size of the generator's first feature map.
 BOTTOM_WIDTH = 4
+#: ``resnet128``'s discriminator block variants: SN-GAN's (also the SR authors') and the BSSN
+#: authors'.
+D_BLOCKS = ("sngan", "bsn")
 
 
 def _check_labels(y: torch.Tensor | None, batch: int, num_classes: int, who: str) -> torch.Tensor:
@@ -47,18 +59,20 @@ def _check_labels(y: torch.Tensor | None, batch: int, num_classes: int, who: str
 class ResNetGenerator(nn.Module):
     """``z -> Linear(4*4*widths[0]) -> GBlock(widths[i], widths[i+1])... -> BN-ReLU-conv3x3(->3)
     -> tanh``; each GBlock doubles the resolution. With ``num_classes > 0`` the GBlocks' BNs are
-    class-conditional and ``forward`` needs labels ``y``; otherwise ``y`` is ignored.
+    class-conditional and ``forward`` needs labels ``y``; otherwise ``y`` is ignored. ``bn_eps``
+    is every batch normalization's epsilon.
     """
 
-    def __init__(self, z_dim: int, widths: Sequence[int], num_classes: int = 0) -> None:
+    def __init__(self, z_dim: int, widths: Sequence[int], num_classes: int = 0,
+                 bn_eps: float = 1e-5) -> None:
         super().__init__()
         self.z_dim, self.num_classes = z_dim, num_classes
         self.bottom_channels = widths[0]
         self.linear = xavier_init(nn.Linear(z_dim, BOTTOM_WIDTH * BOTTOM_WIDTH * widths[0]))
         for i, (cin, cout) in enumerate(zip(widths[:-1], widths[1:]), start=1):
-            self.add_module(f"b{i}", GBlock(cin, cout, num_classes))
+            self.add_module(f"b{i}", GBlock(cin, cout, num_classes, bn_eps))
         self.num_blocks = len(widths) - 1
-        self.bn = nn.BatchNorm2d(widths[-1])
+        self.bn = nn.BatchNorm2d(widths[-1], eps=bn_eps)
         self.conv_out = xavier_init(nn.Conv2d(widths[-1], 3, 3, padding=1))
 
     @property
@@ -80,17 +94,18 @@ class ResNetDiscriminator(nn.Module):
     ``<embed(y), h>`` of Miyato & Koyama (2018, eq. 3) when ``num_classes > 0``.
 
     ``forward(x, y=None)`` returns logits of shape ``[batch]``; ``y`` is required when
-    conditional and ignored otherwise.
+    conditional and ignored otherwise. ``linear_bias``: whether the final Linear has a bias.
     """
 
-    def __init__(self, blocks: Sequence[nn.Module], num_classes: int = 0) -> None:
+    def __init__(self, blocks: Sequence[nn.Module], num_classes: int = 0,
+                 linear_bias: bool = True) -> None:
         super().__init__()
         self.num_classes = num_classes
         for i, block in enumerate(blocks, start=1):
             self.add_module(f"b{i}", block)
         self.num_blocks = len(blocks)
         features = blocks[-1].out_channels
-        self.linear = xavier_init(nn.Linear(features, 1))
+        self.linear = xavier_init(nn.Linear(features, 1, bias=linear_bias))
         self.embed = xavier_init(nn.Embedding(num_classes, features)) if num_classes > 0 else None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,10 +127,14 @@ class ResNetDiscriminator(nn.Module):
 class _ResNet(Architecture):
     """Shared by the two ResNets: Config checks and the interface properties."""
 
-    def __init__(self, config=None) -> None:
-        super().__init__(config)
-        check_positive(self.name or type(self).__name__, self.config, ("ch", "g_ch", "z_dim"))
-        check_nonnegative(self.name or type(self).__name__, self.config, ("num_classes",))
+    def __init__(self, config=None, name: str | None = None) -> None:
+        super().__init__(config, name)
+        check_positive(self.name, self.config, ("ch", "g_ch", "z_dim"))
+        check_nonnegative(self.name, self.config, ("num_classes",))
+        eps = self.config.bn_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise ArchitectureConfigError(
+                f"architecture '{self.name}': bn_eps must be a number in (0, 1), got {eps!r}")
 
     @property
     def z_dim(self) -> int:
@@ -127,8 +146,9 @@ class ResNet32(_ResNet):
 
     G: z -> Linear(4*4*g_ch) -> 3 x GBlock(g_ch, g_ch) -> BN-ReLU-conv3x3-tanh.
     D: OptimizedDBlock(3, ch), DBlock(ch, ch, down), DBlock(ch, ch), DBlock(ch, ch) -> ReLU,
-    sum, Linear(ch -> 1): exactly 10 convolutions (layer_0..layer_9). With ``num_classes > 0``
-    G uses conditional BN and D adds the projection term.
+    sum, Linear(ch -> 1) without bias (SN-GAN ``snresnet_32.py``, SR ``dis.py``: ``nobias=True``):
+    exactly 10 convolutions (layer_0..layer_9). With ``num_classes > 0`` G uses conditional BN
+    and D adds the projection term.
     """
 
     @attrs.define
@@ -140,6 +160,8 @@ class ResNet32(_ResNet):
         z_dim: int = 128
         #: 0 = unconditional.
         num_classes: int = 0
+        #: the generator's batch-normalization epsilon (the Chainer code's default, 2e-5).
+        bn_eps: float = CHAINER_BN_EPS
 
     @property
     def resolution(self) -> int:
@@ -147,12 +169,12 @@ class ResNet32(_ResNet):
 
     def build_generator(self) -> ResNetGenerator:
         c = self.config
-        return ResNetGenerator(c.z_dim, [c.g_ch] * 4, c.num_classes)
+        return ResNetGenerator(c.z_dim, [c.g_ch] * 4, c.num_classes, c.bn_eps)
 
     def build_discriminator(self) -> ResNetDiscriminator:
         ch = self.config.ch
         blocks = [OptimizedDBlock(3, ch), DBlock(ch, ch, down=True), DBlock(ch, ch), DBlock(ch, ch)]
-        return ResNetDiscriminator(blocks, self.config.num_classes)
+        return ResNetDiscriminator(blocks, self.config.num_classes, linear_bias=False)
 
 
 class ResNet128(_ResNet):
@@ -161,8 +183,14 @@ class ResNet128(_ResNet):
     G: z -> Linear(4*4*16g) -> GBlocks 16g->16g->8g->4g->2g->g with class-conditional BN ->
     BN-ReLU-conv3x3-tanh (g = ``g_ch``). D: OptimizedDBlock(3, ch), DBlock(ch, 2ch, down),
     (2ch, 4ch, down), (4ch, 8ch, down), (8ch, 16ch, down), (16ch, 16ch) -> ReLU, sum,
-    Linear(16ch -> 1) + projection: exactly 17 convolutions (layer_2 is b1's shortcut).
-    ``num_classes = 0`` makes both networks unconditional.
+    Linear(16ch -> 1, with bias) + projection. ``num_classes = 0`` makes both networks
+    unconditional.
+
+    ``block = "sngan"`` (default; SN-GAN's ``snresnet.py``, the SR authors' ``Dis.py``): DBlocks
+    with hidden channels = in and an identity shortcut in the last block, exactly 17
+    convolutions (layer_2 is b1's shortcut). ``block = "bsn"`` (the BSSN authors'
+    ``no_gamma-ResNet``): hidden channels = out and a learnable 1x1 shortcut in every DBlock,
+    the last one too, 18 convolutions, each block's c1 as wide as its output.
     """
 
     @attrs.define
@@ -174,6 +202,15 @@ class ResNet128(_ResNet):
         z_dim: int = 128
         #: ImageNet's 1000 classes; 0 = unconditional.
         num_classes: int = 1000
+        #: discriminator blocks: "sngan" (SN-GAN / SR, 17 convs) or "bsn" (BSSN authors', 18).
+        block: str = "sngan"
+        #: the generator's batch-normalization epsilon (the Chainer code's default, 2e-5; the
+        #: BSSN authors' TensorFlow code uses 1e-5).
+        bn_eps: float = CHAINER_BN_EPS
+
+    def __init__(self, config=None, name: str | None = None) -> None:
+        super().__init__(config, name)
+        check_choice(self.name, "block", self.config.block, D_BLOCKS)
 
     @property
     def resolution(self) -> int:
@@ -182,16 +219,18 @@ class ResNet128(_ResNet):
     def build_generator(self) -> ResNetGenerator:
         c = self.config
         g = c.g_ch
-        return ResNetGenerator(c.z_dim, [16 * g, 16 * g, 8 * g, 4 * g, 2 * g, g], c.num_classes)
+        return ResNetGenerator(c.z_dim, [16 * g, 16 * g, 8 * g, 4 * g, 2 * g, g], c.num_classes,
+                               c.bn_eps)
 
     def build_discriminator(self) -> ResNetDiscriminator:
         ch = self.config.ch
-        blocks = [OptimizedDBlock(3, ch),
-                  DBlock(ch, 2 * ch, down=True),
-                  DBlock(2 * ch, 4 * ch, down=True),
-                  DBlock(4 * ch, 8 * ch, down=True),
-                  DBlock(8 * ch, 16 * ch, down=True),
-                  DBlock(16 * ch, 16 * ch, down=False)]
+        bsn = self.config.block == "bsn"
+        widths = [(ch, 2 * ch, True), (2 * ch, 4 * ch, True), (4 * ch, 8 * ch, True),
+                  (8 * ch, 16 * ch, True), (16 * ch, 16 * ch, False)]
+        blocks = [OptimizedDBlock(3, ch)] + [
+            DBlock(cin, cout, down=down, hidden_channels=cout if bsn else None,
+                   learnable_shortcut=True if bsn else None)
+            for cin, cout, down in widths]
         return ResNetDiscriminator(blocks, self.config.num_classes)
 
 

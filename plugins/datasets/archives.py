@@ -23,7 +23,6 @@ import tempfile
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from torchvision.datasets.utils import check_integrity
 
 from core.errors import DataMissingError
 
@@ -44,6 +43,8 @@ def expected_files(tv_class: type) -> list[tuple[str, str | None]]:
 
 def file_problems(tv_class: type, folder: Path) -> list[str]:
     """One line per expected file of ``folder/<base_folder>`` that is missing or fails its md5."""
+    from torchvision.datasets.utils import check_integrity  # here: registering stays cheap
+
     base = folder / tv_class.base_folder
     if not base.is_dir():
         return [f"missing: the folder {base}"]

@@ -4,24 +4,36 @@ A subclass names its folder under the data root and its splits, and implements :
 a torch dataset of ``(uint8 [R, R, 3], label)`` items, decoded and resized from the files
 (see :mod:`plugins.datasets.pixels`). :meth:`ImageDataset.build` then returns
 
-- :class:`plugins.datasets.prepared.PreparedImages` when ``Config.prepared`` is true and
-  ``python -m core.prepare`` has written ``<root>/<folder>/prepared_<split>_<R>.*`` (its protocol
-  must match the Config, else an error says what differs), or
+- :class:`core.prepared.PreparedImages` when ``Config.prepared`` is true and
+  ``python -m core.prepare`` (:meth:`ImageDataset.prepare`) has written
+  ``<root>/<folder>/prepared_<split>_<R>.*`` (its protocol must match the Config, else an error
+  says what differs), or
 - :class:`DecodedImages` over :meth:`source`, decoding every item when it is read.
 
-Both give the same ``(float32 [3, R, R] in [-1, 1], label)`` items, bit for bit.
+Both give the same ``(float32 [3, R, R] in [-1, 1], label)`` items, ``p / 127.5 - 1`` of the
+8-bit pixels ``p``, bit for bit. Two Config fields every image dataset offers (issue 11.6):
+
+- ``resize_filter``: ``"bicubic"`` (default), ``"bilinear"`` or ``"cv2-linear"``, see
+  :mod:`plugins.datasets.pixels`; recorded in the prepared array's protocol.
+- ``dequantize``: false (default) feeds D the items; true makes the training loop feed D
+  ``p / 128 - 1 + U(0, 1/128)`` instead, as the SN-GAN / SR Chainer loaders do
+  (:attr:`core.interfaces.Dataset.dequantize`, noise from :func:`core.data.dequantization_noise`).
+  The items themselves (and so metrics' reference statistics and prepared arrays) do not change.
 
     class MyFaces(ImageDataset):
         folder = "myfaces"
         @attrs.define
         class Config:
             resolution: int = 64
+            resize_filter: str = "bicubic"
+            dequantize: bool = False
             prepared: bool = True
         def source(self, root, split): ...
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
@@ -31,8 +43,9 @@ import torch
 
 from core.errors import SpecregError
 from core.interfaces import Dataset
-from plugins.datasets.pixels import RESIZE_METHOD, square_crop_resize, to_float
-from plugins.datasets.prepared import PreparedFiles, PreparedImages, check_protocol
+from core.prepared import (PreparedFiles, PreparedImages, PreparedMismatchError, check_protocol,
+                           to_float, write_prepared)
+from plugins.datasets.pixels import DEFAULT_FILTER, RESIZE_FILTERS, square_crop_resize
 
 
 def unconditional(target: Any) -> int:
@@ -57,15 +70,18 @@ class DecodedImages(torch.utils.data.Dataset):
 class ResizedSource(torch.utils.data.Dataset):
     """``(uint8 [R, R, 3], label)`` items of a torchvision dataset of ``(PIL image, target)`` items.
 
-    Each image is center-cropped (``crop``, default the shorter side) and resized to ``R x R``;
-    ``label`` maps the dataset's target to an int (default: the target itself).
+    Each image is center-cropped (``crop``, default the shorter side) and resized to ``R x R``
+    with ``resize_filter`` (:data:`plugins.datasets.pixels.RESIZE_FILTERS`); ``label`` maps the
+    dataset's target to an int (default: the target itself).
     """
 
     def __init__(self, images: torch.utils.data.Dataset, resolution: int, crop: int | None = None,
-                 label: Callable[[Any], int] | None = None, classes: list[str] | None = None) -> None:
+                 label: Callable[[Any], int] | None = None, classes: list[str] | None = None,
+                 resize_filter: str = DEFAULT_FILTER) -> None:
         self.images = images
         self.resolution = resolution
         self.crop = crop
+        self.resize_filter = resize_filter
         self.label = label
         #: class names when the labels index classes (ImageFolder's sorted folders), else [].
         self.classes = list(classes or [])
@@ -77,7 +93,8 @@ class ResizedSource(torch.utils.data.Dataset):
         image, target = self.images[index]
         label = self.label(target) if self.label is not None else int(target)
         try:
-            return square_crop_resize(image, self.resolution, self.crop), label
+            return square_crop_resize(image, self.resolution, self.crop,
+                                      self.resize_filter), label
         except ValueError as exc:  # a crop larger than the image
             samples = getattr(self.images, "samples", None)
             where = f" ({samples[index][0]})" if samples else ""
@@ -91,10 +108,16 @@ class ImageDataset(Dataset):
     folder: ClassVar[str] = ""
     #: the split names ``build`` accepts.
     splits: ClassVar[tuple[str, ...]] = ("train",)
+    #: ``python -m core.prepare`` can write this dataset's prepared array (:meth:`prepare`).
+    supports_prepare: ClassVar[bool] = True
 
     @attrs.define
     class Config:
         resolution: int = 32
+        #: how images are resized: "bicubic", "bilinear" or "cv2-linear" (plugins.datasets.pixels).
+        resize_filter: str = "bicubic"
+        #: feed D x/128 - 1 + U(0, 1/128) instead of x/127.5 - 1 (the SN-GAN/SR Chainer loaders).
+        dequantize: bool = False
         #: read ``prepared_<split>_<R>.npy`` when ``python -m core.prepare`` has written it.
         prepared: bool = True
 
@@ -103,6 +126,7 @@ class ImageDataset(Dataset):
     def source(self, root: Path, split: str) -> ResizedSource:
         """The decoded, resized images of ``split``: items ``(uint8 [R, R, 3], label)``.
 
+        Build it as ``ResizedSource(images, self.resolution, resize_filter=self.resize_filter)``.
         Raises :class:`core.errors.DataMissingError` when the files are not there.
         """
         raise NotImplementedError
@@ -110,7 +134,7 @@ class ImageDataset(Dataset):
     def protocol(self, split: str) -> dict[str, Any]:
         """What makes a prepared array fit this Config (JSON values; checked on load)."""
         return {"dataset": self.display_name, "split": split, "resolution": self.resolution,
-                "resize": RESIZE_METHOD}
+                "resize": RESIZE_FILTERS.get(self.resize_filter, self.resize_filter)}
 
     def check_classes(self, classes: list[str], where: Path) -> None:
         """Refuse data whose classes do not fit the Config (no check by default)."""
@@ -119,11 +143,22 @@ class ImageDataset(Dataset):
 
     @property
     def display_name(self) -> str:
-        return type(self).name or self.folder
+        return self.name
 
     @property
     def resolution(self) -> int:
         return int(self.config.resolution)
+
+    @property
+    def resize_filter(self) -> str:
+        """The Config's ``resize_filter`` (``"bicubic"`` for a Config without the field)."""
+        return str(getattr(self.config, "resize_filter", DEFAULT_FILTER))
+
+    @property
+    def dequantize(self) -> bool:
+        """The Config's ``dequantize`` (false for a Config without the field): the training loop
+        then feeds D ``p / 128 - 1 + U(0, 1/128)`` for the items' ``p / 127.5 - 1``."""
+        return bool(getattr(self.config, "dequantize", False))
 
     def data_folder(self, root: Path) -> Path:
         """``<root>/<folder>`` (absolute, for messages)."""
@@ -132,6 +167,8 @@ class ImageDataset(Dataset):
     def prepare_command(self, root: Path, split: str = "train") -> str:
         cmd = f"python -m core.prepare {self.display_name} --resolution {self.resolution}"
         cmd += f" --root {Path(root)}"
+        if self.resize_filter != DEFAULT_FILTER:
+            cmd += f" --set resize_filter={self.resize_filter}"
         return cmd + (f" --split {split}" if split != "train" else "")
 
     def prepared_files(self, root: Path, split: str) -> PreparedFiles:
@@ -144,6 +181,10 @@ class ImageDataset(Dataset):
         if not isinstance(self.config.resolution, int) or self.config.resolution < 1:
             raise SpecregError(f"dataset '{self.display_name}': resolution must be a positive "
                                f"integer, not {self.config.resolution!r}")
+        if self.resize_filter not in RESIZE_FILTERS:
+            raise SpecregError(f"dataset '{self.display_name}': resize_filter must be one of "
+                               f"{', '.join(repr(f) for f in RESIZE_FILTERS)}, not "
+                               f"{self.resize_filter!r}")
 
     def build(self, root: Path, split: str = "train") -> torch.utils.data.Dataset:
         """The prepared array when there is one (and ``Config.prepared``), else decoded files."""
@@ -154,3 +195,30 @@ class ImageDataset(Dataset):
             self.check_classes(list(meta.get("classes", [])), files.meta)
             return PreparedImages(files)
         return DecodedImages(self.source(Path(root), split))
+
+    def prepare(self, root: Path, split: str = "train", workers: int = 0, force: bool = False,
+                progress: bool = True) -> dict[str, Any]:
+        """Decode and resize ``split`` once into its prepared array (:mod:`core.prepared`) under
+        ``root``; an up-to-date one is kept (``force``: written again). Returns its protocol."""
+        self.check_config(split)
+        root = Path(root)
+        files = self.prepared_files(root, split)
+        protocol = self.protocol(split)
+        if files.complete() and not force:
+            try:
+                meta = check_protocol(files, protocol, self.display_name)
+                print(f"{files.images} is already prepared ({meta['count']} images); "
+                      f"--force writes it again", file=sys.stderr)
+                return meta
+            except PreparedMismatchError as exc:
+                print(f"replacing {files.images}: {str(exc).splitlines()[1].strip()}",
+                      file=sys.stderr)
+        import torchvision  # recorded in the protocol: its readers decoded the files
+
+        source = self.source(root, split)
+        extra = {"source": str(self.data_folder(root)),
+                 "reader": f"{type(source.images).__module__}.{type(source.images).__qualname__}",
+                 "classes": list(source.classes), "torchvision": torchvision.__version__}
+        return write_prepared(source, files, {**protocol, **extra}, self.resolution,
+                              workers=workers, progress=progress,
+                              description=f"{self.display_name} {split} {self.resolution}px")

@@ -12,7 +12,8 @@ text files and can only download through Google Drive, which rate-limits; there 
 
 The one split, ``train``, is every image (the GAN protocol of Lin et al.: "This dataset contains
 202599 images"). Each image's center ``crop x crop`` square (default 128) is resized to
-``resolution`` (PIL bicubic). Used unconditionally: every label is 0.
+``resolution`` with ``resize_filter`` (default PIL bicubic; the BSSN authors' cv2.resize:
+``"cv2-linear"``). Used unconditionally: every label is 0.
 
     [dataset]
     name = "celeba"
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import torchvision
+import torch
 
 from core.errors import DataMissingError, SpecregError
 from core.hookspecs import hookimpl
@@ -34,15 +35,23 @@ URL = "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html"
 IMAGES = "img_align_celeba"
 
 
-class _OneFolder(torchvision.datasets.ImageFolder):
-    """ImageFolder over the images of a single folder (``root/<name>/*``), all of class 0."""
+class _OneFolder(torch.utils.data.Dataset):
+    """``(PIL image, 0)`` for each image of a single folder ``root/<name>/*``: what torchvision's
+    ImageFolder gives with that folder as its one class (its scanner and loader, imported here so
+    that registering the dataset stays cheap). No images: FileNotFoundError, as ImageFolder."""
 
     def __init__(self, root: str, name: str) -> None:
-        self._name = name
-        super().__init__(root)
+        from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, make_dataset
 
-    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-        return [self._name], {self._name: 0}
+        self.samples = make_dataset(root, {name: 0}, extensions=IMG_EXTENSIONS)
+        self.loader = default_loader
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        path, target = self.samples[index]
+        return self.loader(path), target
 
 
 class CelebA(ImageDataset):
@@ -56,6 +65,11 @@ class CelebA(ImageDataset):
         resolution: int = 64
         #: side of the center square cut from each 178x218 image before resizing.
         crop: int = 128
+        #: how images are resized: "bicubic" (PIL, our default), "bilinear" (PIL; SN-GAN/SR
+        #: ImageNet code) or "cv2-linear" (cv2.resize; BSSN code). See plugins.datasets.pixels.
+        resize_filter: str = "bicubic"
+        #: feed D x/128 - 1 + U(0, 1/128) (the SN-GAN/SR Chainer loaders) instead of x/127.5 - 1.
+        dequantize: bool = False
         #: read ``prepared_<split>_<R>.npy`` when ``python -m core.prepare`` has written it.
         prepared: bool = True
 
@@ -89,7 +103,7 @@ class CelebA(ImageDataset):
         except FileNotFoundError as exc:  # the folder holds no images
             raise self.missing(root, f"no images in {where}.") from exc
         return ResizedSource(data, self.resolution, crop=int(self.config.crop),
-                             label=unconditional)
+                             label=unconditional, resize_filter=self.resize_filter)
 
 
 @hookimpl

@@ -6,7 +6,8 @@ https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz when ``download`` is tru
 and checked against torchvision's md5 sums. Missing data that cannot be downloaded raises
 :class:`core.errors.DataMissingError` saying which files, from where, to which folder.
 
-Pixels are scaled to [-1, 1] (SR paper; Lin et al. 2021, App. H.1). The SR paper trains
+Pixels are scaled to [-1, 1] (SR paper; Lin et al. 2021, App. H.1); ``dequantize = true`` feeds D
+``x/128 - 1 + U(0, 1/128)`` as the SR authors' ``datasets/cifar10.py``. The SR paper trains
 unconditionally, so ``num_classes`` is 0 unless ``conditional = true``; items always carry the
 true class (0..9) as their label.
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import attrs
-import torchvision
 
 from core.hookspecs import hookimpl
 from plugins.datasets.archives import open_archive_dataset
@@ -37,10 +37,15 @@ class Cifar10(ImageDataset):
     class Config:
         #: download with torchvision when the files are missing.
         download: bool = True
-        #: 32 is the native size; any other value resizes (PIL bicubic).
+        #: 32 is the native size; any other value resizes (with ``resize_filter``).
         resolution: int = 32
         #: report 10 classes (class-conditional training) instead of 0.
         conditional: bool = False
+        #: how images are resized: "bicubic" (PIL, our default), "bilinear" (PIL; SN-GAN/SR
+        #: ImageNet code) or "cv2-linear" (cv2.resize; BSSN code). See plugins.datasets.pixels.
+        resize_filter: str = "bicubic"
+        #: feed D x/128 - 1 + U(0, 1/128) (the SN-GAN/SR Chainer loaders) instead of x/127.5 - 1.
+        dequantize: bool = False
         #: read ``prepared_<split>_<R>.npy`` when ``python -m core.prepare`` has written it.
         prepared: bool = True
 
@@ -50,13 +55,15 @@ class Cifar10(ImageDataset):
 
     def source(self, root: Path, split: str) -> ResizedSource:
         train = split == "train"
-        cls = torchvision.datasets.CIFAR10
+        from torchvision.datasets import CIFAR10 as cls  # here: registering stays cheap
+
         data = open_archive_dataset(
             cls, self.data_folder(root), download=self.config.download,
             load=lambda folder: cls(str(folder), train=train, download=False),
             fetch=lambda tmp: cls(str(tmp), train=False, download=True),
             name=self.display_name, title="CIFAR-10", prepare=self.prepare_command(root, split))
-        return ResizedSource(data, self.resolution, classes=list(data.classes))
+        return ResizedSource(data, self.resolution, classes=list(data.classes),
+                             resize_filter=self.resize_filter)
 
 
 @hookimpl

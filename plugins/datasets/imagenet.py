@@ -7,8 +7,9 @@ Files, in :class:`torchvision.datasets.ImageFolder` layout (one folder per WordN
 
 There is no download (https://image-net.org requires an account); datasets/README.md says how to
 unpack ``ILSVRC2012_img_train.tar`` into this layout. Each image is center-cropped to a square of
-its shorter side and resized to ``resolution`` (= resize the shorter side, center crop; PIL
-bicubic). Labels are ImageFolder's class indices (the sorted WordNet ids: the standard 0..999).
+its shorter side and resized to ``resolution`` (= resize the shorter side, center crop) with
+``resize_filter`` (default PIL bicubic; the SN-GAN/SR loaders' ``"bilinear"``, the BSSN authors'
+``"cv2-linear"``). Labels are ImageFolder's class indices (the sorted WordNet ids: the standard 0..999).
 
 Decoding 1.28 M JPEGs every epoch is slow; ``python -m core.prepare imagenet --resolution 128``
 writes a 63 GB uint8 array once, which training then memory-maps.
@@ -23,7 +24,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import attrs
-import torchvision
 
 from core.errors import DataMissingError, SpecregError
 from core.hookspecs import hookimpl
@@ -43,6 +43,11 @@ class ImageNet(ImageDataset):
         resolution: int = 128
         #: the number of class folders expected (0: train unconditionally, any number of classes).
         num_classes: int = 1000
+        #: how images are resized: "bicubic" (PIL, our default), "bilinear" (PIL; SN-GAN/SR
+        #: ImageNet code) or "cv2-linear" (cv2.resize; BSSN code). See plugins.datasets.pixels.
+        resize_filter: str = "bicubic"
+        #: feed D x/128 - 1 + U(0, 1/128) (the SN-GAN/SR Chainer loaders) instead of x/127.5 - 1.
+        dequantize: bool = False
         #: read ``prepared_<split>_<R>.npy`` when ``python -m core.prepare`` has written it.
         prepared: bool = True
 
@@ -72,13 +77,16 @@ class ImageNet(ImageDataset):
         where = self.data_folder(root) / split
         if not where.is_dir():
             raise self.missing(root, split, f"the folder {where} does not exist.")
+        from torchvision.datasets import ImageFolder  # here: registering stays cheap
+
         try:
-            data = torchvision.datasets.ImageFolder(str(where))
+            data = ImageFolder(str(where))
         except FileNotFoundError as exc:  # no class folders, or a class folder without images
             raise self.missing(root, split, f"{where} is not in ImageFolder layout: {exc}") \
                 from exc
         self.check_classes(list(data.classes), where)
-        return ResizedSource(data, self.resolution, classes=list(data.classes))
+        return ResizedSource(data, self.resolution, classes=list(data.classes),
+                             resize_filter=self.resize_filter)
 
 
 @hookimpl

@@ -8,8 +8,9 @@ torchvision reads all 2.7 GB of ``unlabeled_X.bin`` into memory; ``python -m cor
 
 The ``train`` split is torchvision's ``source_split`` (default ``unlabeled``, as both papers),
 ``test`` is the 8,000 labeled test images. Images are resized from 96x96 to ``resolution`` with
-PIL's antialiased bicubic: 32 in the SR paper (App., "compressed to 32x32"), 48 in Lin et al.
-2021 (App. H.1). Used unconditionally: every label is 0.
+``resize_filter`` (default PIL's antialiased bicubic; the BSSN authors' cv2.resize is
+``"cv2-linear"``): 32 in the SR paper (App., "compressed to 32x32"), 48 in Lin et al. 2021
+(App. H.1). Used unconditionally: every label is 0.
 
     [dataset]
     name = "stl10"
@@ -22,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import torchvision
 
 from core.errors import SpecregError
 from core.hookspecs import hookimpl
@@ -46,6 +46,11 @@ class Stl10(ImageDataset):
         resolution: int = 32
         #: which of torchvision's splits is our ``train``: unlabeled, train+unlabeled, train.
         source_split: str = "unlabeled"
+        #: how images are resized: "bicubic" (PIL, our default), "bilinear" (PIL; SN-GAN/SR
+        #: ImageNet code) or "cv2-linear" (cv2.resize; BSSN code). See plugins.datasets.pixels.
+        resize_filter: str = "bicubic"
+        #: feed D x/128 - 1 + U(0, 1/128) (the SN-GAN/SR Chainer loaders) instead of x/127.5 - 1.
+        dequantize: bool = False
         #: read ``prepared_<split>_<R>.npy`` when ``python -m core.prepare`` has written it.
         prepared: bool = True
 
@@ -64,13 +69,15 @@ class Stl10(ImageDataset):
 
     def source(self, root: Path, split: str) -> ResizedSource:
         tv_split = self._torchvision_split(split)
-        cls = torchvision.datasets.STL10
+        from torchvision.datasets import STL10 as cls  # here: registering stays cheap
+
         data = open_archive_dataset(
             cls, self.data_folder(root), download=self.config.download,
             load=lambda folder: cls(str(folder), split=tv_split, download=False),
             fetch=lambda tmp: cls(str(tmp), split="test", download=True),
             name=self.display_name, title="STL-10", prepare=self.prepare_command(root, split))
-        return ResizedSource(data, self.resolution, label=unconditional)
+        return ResizedSource(data, self.resolution, label=unconditional,
+                             resize_filter=self.resize_filter)
 
 
 @hookimpl

@@ -23,7 +23,9 @@ class Hinge(Loss):
     def discriminator_loss(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
         return F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean()
 
-    def generator_loss(self, fake_logits: torch.Tensor) -> torch.Tensor:
+    def generator_loss(self, fake_logits: torch.Tensor,
+                       real_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """``-E[D(G(z))]``; ``real_logits`` is not used (``needs_real_logits`` is False)."""
         return -fake_logits.mean()
 
 

@@ -38,23 +38,10 @@ __all__ = ["DStats", "generate_with_labels"]
 
 def generate_with_labels(context: EvaluationContext, num_samples: int
                          ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """``(images, labels)`` batches: the same samples as ``context.generate`` (same seed, same
-    latents), with the labels a conditional generator was given."""
-    rng = torch.Generator().manual_seed(context.seed)
-    generator = context.generator
-    was_training = generator.training
-    generator.eval()
-    try:
-        done = 0
-        while done < num_samples:
-            n = min(context.batch_size, num_samples - done)
-            z, y = context.architecture.sample_latents(n, rng, context.device)
-            with torch.no_grad():
-                images = generator(z, y).float().clamp(-1, 1)
-            yield images, y
-            done += n
-    finally:
-        generator.train(was_training)
+    """``(images on context.device, labels)`` batches: ``context.generate_with_labels`` (the
+    samples of ``context.generate``, shared within one evaluation)."""
+    for images, y in context.generate_with_labels(num_samples):
+        yield images.to(context.device), y
 
 
 def _stats(values: np.ndarray) -> tuple[float, float]:
@@ -64,7 +51,6 @@ def _stats(values: np.ndarray) -> tuple[float, float]:
 class DStats(Metric):
     """Mean/variance of D(x) on train, test and generated data, and of the hinge L_D."""
 
-    name = "d_stats"
     higher_is_better = False
     primary = "d_gap"
 
@@ -73,8 +59,8 @@ class DStats(Metric):
         #: images per set (train, test, generated); real splits are capped at their size.
         num_samples: int = 10_000
 
-    def __init__(self, config=None) -> None:
-        super().__init__(config)
+    def __init__(self, config=None, name: str | None = None) -> None:
+        super().__init__(config, name)
         require_samples("d_stats", self.config.num_samples, 1)
 
     @torch.no_grad()
@@ -128,7 +114,7 @@ class DStats(Metric):
         protocol = {"samples": len(d_gen), "train_samples": n_train, "test_samples": n_test,
                     "loss_pairs": pairs, "resolution": context.dataset.resolution,
                     "loss": "hinge, per pair: relu(1 - D(x_train)) + relu(1 + D(G(z)))",
-                    "reference": {"dataset": type(context.dataset).name, "split": "train+test",
+                    "reference": {"dataset": context.dataset.name, "split": "train+test",
                                   "samples": n_train + n_test}}
         return MetricResult(values, protocol)
 

@@ -161,6 +161,22 @@ class DigitClassifier:
         feats = self.scores(self.channels(images))["features"]
         return feats.reshape(len(images), -1).double().numpy()
 
+    def image_scores(self, images: torch.Tensor) -> dict[str, np.ndarray]:
+        """:meth:`classify_images` and :meth:`image_features` from one pass of the network:
+        ``digits [N, 3]``, ``accepted [N, 3]`` and ``features [N, 3 * features]``."""
+        s = self.scores(self.channels(images))
+        accepted = (s["probability"] >= self.min_probability) & \
+                   (s["distance"] <= self.max_distance)
+        return {"digits": s["digit"].reshape(-1, 3).numpy(),
+                "accepted": accepted.reshape(-1, 3).numpy(),
+                "features": s["features"].reshape(len(images), -1).double().numpy()}
+
+    @property
+    def features_name(self) -> str:
+        """What :meth:`image_scores` depends on, as a name for ``EvaluationContext.features``."""
+        return (f"digit-classifier:{self.sha256}:{self.min_probability!r}:"
+                f"{self.max_distance!r}")
+
     def protocol(self) -> dict[str, Any]:
         return {"feature_network_name": "digit-mlp", "feature_network_sha256": self.sha256,
                 "classifier_heldout_accuracy": self.info["heldout_accuracy"],

@@ -13,7 +13,8 @@ Recipe::
     num_samples = 50000          # 50k for final numbers, fewer during training
     reference_split = "train"    # FID against training-set statistics (SPEC §5)
     # reference_stats = "cifar10" # clean-fid's published statistics instead of our own
-    # mode = "legacy_tensorflow"  # to compare with old papers
+    # mode = "legacy_tensorflow"  # to compare with old papers (the protocol's
+    #                             # comparable_with lists the tables it matches, see protocols.py)
     # inception_weights = "/models/inception-2015-12-05.pt"
 """
 
@@ -21,13 +22,13 @@ from __future__ import annotations
 
 import attrs
 import numpy as np
-from cleanfid.fid import frechet_distance
 
-from core.eval.runner import require_samples
+from core.eval.runner import plain, require_samples
 from core.hookspecs import hookimpl
 from core.interfaces import EvaluationContext, Metric, MetricResult
 from plugins.metrics.inception import (InceptionSettings, check_mode, generated_features,
                                        inception_extractor)
+from plugins.metrics.protocols import comparisons, score_settings
 from plugins.metrics.reference import (Statistics, dataset_statistics, feature_statistics,
                                        published_statistics)
 
@@ -37,6 +38,8 @@ __all__ = ["Fid", "fid_from_features", "fid_from_statistics"]
 def fid_from_statistics(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
                         sigma2: np.ndarray) -> float:
     """clean-fid's ``frechet_distance`` of two Gaussians, as a float."""
+    from cleanfid.fid import frechet_distance  # here: registering ``fid`` stays cheap
+
     return float(frechet_distance(mu1, sigma1, mu2, sigma2))
 
 
@@ -48,7 +51,6 @@ def fid_from_features(features1: np.ndarray, features2: np.ndarray) -> float:
 class Fid(Metric):
     """Fréchet Inception Distance of generated samples to the real data (lower is better)."""
 
-    name = "fid"
     higher_is_better = False
     primary = "fid"
 
@@ -65,8 +67,8 @@ class Fid(Metric):
         #: resolution of the published statistics (0 = the dataset's resolution).
         reference_resolution: int = 0
 
-    def __init__(self, config=None) -> None:
-        super().__init__(config)
+    def __init__(self, config=None, name: str | None = None) -> None:
+        super().__init__(config, name)
         check_mode(self.config.mode)
         require_samples("fid", self.config.num_samples, 2)
 
@@ -90,6 +92,10 @@ class Fid(Metric):
         value = fid_from_statistics(mu, sigma, reference.mu, reference.sigma)
         protocol = {"samples": len(features), "resolution": context.dataset.resolution,
                     "reference": reference.protocol, **extractor.protocol()}
+        dataset = context.dataset
+        protocol.update(comparisons(score_settings(  # which papers' tables it compares with
+            "fid", cfg, dataset.name, dataset.resolution, plain(dataset.config),
+            reference.protocol)))
         return MetricResult({"fid": value}, protocol)
 
 

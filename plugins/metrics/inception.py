@@ -39,20 +39,23 @@ from typing import Any
 import attrs
 import numpy as np
 import torch
-from cleanfid.downloads_helper import inception_url as CLEANFID_INCEPTION_URL
-from cleanfid.fid import get_batch_features
-from cleanfid.inception_torchscript import InceptionV3W
-from cleanfid.resize import build_resizer
 from torch import nn
 
 from core.errors import SpecregError, WeightsMissingError
-from core.eval.runner import progress, shared_cache
+from core.eval.runner import progress
 from core.interfaces import EvaluationContext
 
 __all__ = ["InceptionSettings", "InceptionExtractor", "inception_extractor", "resolve_weights",
            "ensure_weights", "file_sha256", "generated_features", "MODES", "WEIGHTS_ENV",
            "WEIGHTS_FILENAME", "CLEANFID_INCEPTION_URL"]
 
+# clean-fid is imported where it is used (loading this module, e.g. to register ``fid``, must stay
+# cheap and must not fail when clean-fid is broken).
+
+#: clean-fid's URL of the weights (``cleanfid.downloads_helper.inception_url``; a test checks that
+#: the two agree).
+CLEANFID_INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/"
+                          "metrics/inception-2015-12-05.pt")
 #: environment variable naming the Inception weights file.
 WEIGHTS_ENV = "SPECREG_INCEPTION_WEIGHTS"
 #: the file name clean-fid downloads the network to.
@@ -149,18 +152,20 @@ def file_sha256(path: Path) -> str:
     return _SHA_CACHE[key]
 
 
-class _InceptionFromFile(InceptionV3W):
+def _inception_from_file(path: Path, resize_inside: bool) -> nn.Module:
     """clean-fid's ``InceptionV3W`` (its ``forward`` unchanged), loaded from any file path.
 
     ``InceptionV3W.__init__`` only accepts a folder holding ``inception-2015-12-05.pt`` and may
-    download into it; this constructor sets the same attributes from the file we resolved.
+    download into it; instead the instance gets the same attributes from the file we resolved.
     """
+    from cleanfid.inception_torchscript import InceptionV3W
 
-    def __init__(self, path: Path, resize_inside: bool) -> None:
-        nn.Module.__init__(self)
-        self.base = torch.jit.load(str(path), map_location="cpu").eval()
-        self.layers = self.base.layers
-        self.resize_inside = resize_inside
+    network = InceptionV3W.__new__(InceptionV3W)
+    nn.Module.__init__(network)
+    network.base = torch.jit.load(str(path), map_location="cpu").eval()
+    network.layers = network.base.layers
+    network.resize_inside = resize_inside
+    return network
 
 
 class InceptionExtractor:
@@ -173,7 +178,7 @@ class InceptionExtractor:
         self.device = torch.device(device)
         self.sha256 = file_sha256(path)
         try:
-            network = _InceptionFromFile(path, resize_inside=(mode == "legacy_tensorflow"))
+            network = _inception_from_file(path, resize_inside=(mode == "legacy_tensorflow"))
         except Exception as exc:
             raise WeightsMissingError(
                 f"the Inception weights file {path} could not be loaded as TorchScript "
@@ -184,6 +189,8 @@ class InceptionExtractor:
                                       f"TorchScript Inception ({CLEANFID_INCEPTION_URL})")
         self.network = network.to(self.device).eval()
         self._output_weight = network.base.output.weight.detach().float().cpu()
+        from cleanfid.resize import build_resizer
+
         self._resize = build_resizer(mode)
         self._threads = max(1, min(8, torch.get_num_threads()))  # resize threads
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -212,6 +219,8 @@ class InceptionExtractor:
 
     def features(self, images: torch.Tensor) -> np.ndarray:
         """2048-d pool features (float32) of images in [-1, 1]."""
+        from cleanfid.fid import get_batch_features
+
         return get_batch_features(self.prepare(images), self.network, self.device)
 
     def logits(self, features: np.ndarray) -> np.ndarray:
@@ -246,19 +255,15 @@ def inception_extractor(settings: InceptionSettings, data_root: Path,
 
 def generated_features(context: EvaluationContext, extractor: InceptionExtractor,
                        num_samples: int, desc: str) -> np.ndarray:
-    """Pool features of ``num_samples`` generated images (``context.generate``), with a progress
-    bar; shared by the metrics of one :func:`core.eval.runner.evaluate` call (FID and IS on the
-    same samples generate and embed them once)."""
-    key = ("inception-generated", extractor.sha256, extractor.mode, num_samples, context.seed,
-           context.iteration, id(context.generator))
-    cache = shared_cache()
-    if key not in cache:
-        bar = progress(num_samples, f"{desc}: generating + Inception features",
-                       context.show_progress)
-        chunks = []
-        for images in context.generate(num_samples):
-            chunks.append(extractor.features(images))
-            bar.update(len(images))
-        bar.close()
-        cache[key] = np.concatenate(chunks)
-    return cache[key]
+    """Pool features of ``num_samples`` generated images (``context.features``), with a
+    progress bar; shared by the metrics of one :func:`core.eval.runner.evaluate` call (FID and IS
+    generate and embed the same samples once)."""
+    name = f"inception:{extractor.sha256}:{extractor.mode}:{extractor.device}"
+    bar = progress(num_samples, f"{desc}: generating + Inception features",
+                   context.show_progress)
+    chunks = []
+    for features in context.features(name, extractor.features, num_samples):
+        chunks.append(features)
+        bar.update(len(features))
+    bar.close()
+    return np.concatenate(chunks)

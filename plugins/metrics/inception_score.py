@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import attrs
 import numpy as np
-from scipy.special import log_softmax
 
 from core.errors import SpecregError
+from core.eval.runner import plain
 from core.hookspecs import hookimpl
 from core.interfaces import EvaluationContext, Metric, MetricResult
 from plugins.metrics.inception import (InceptionSettings, check_mode, generated_features,
                                        inception_extractor)
+from plugins.metrics.protocols import comparisons, score_settings
 
 __all__ = ["InceptionScore", "inception_score"]
 
@@ -32,6 +33,8 @@ __all__ = ["InceptionScore", "inception_score"]
 def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
     """``(mean, std)`` over ``splits`` consecutive slices of ``exp(mean KL(p(y|x) || p(y)))``,
     slice ``i`` being rows ``[i*n//splits, (i+1)*n//splits)`` as in the original code."""
+    from scipy.special import log_softmax  # here: registering ``is`` stays cheap
+
     log_p = log_softmax(np.asarray(logits, dtype=np.float64), axis=1)
     n = len(log_p)
     if not 1 <= splits <= n:
@@ -49,7 +52,6 @@ def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]
 class InceptionScore(Metric):
     """Inception Score of generated samples (higher is better)."""
 
-    name = "is"
     higher_is_better = True
     primary = "is"
 
@@ -60,8 +62,8 @@ class InceptionScore(Metric):
         #: slices the score is averaged over (SPEC §5: 10).
         splits: int = 10
 
-    def __init__(self, config=None) -> None:
-        super().__init__(config)
+    def __init__(self, config=None, name: str | None = None) -> None:
+        super().__init__(config, name)
         check_mode(self.config.mode)
         if not 1 <= self.config.splits <= self.config.num_samples:
             raise SpecregError(f"is needs 1 <= splits <= num_samples, got splits = "
@@ -76,6 +78,9 @@ class InceptionScore(Metric):
                     "resolution": context.dataset.resolution,
                     "logits": "pool features @ output.weight.T (no output bias)",
                     **extractor.protocol()}
+        dataset = context.dataset
+        protocol.update(comparisons(score_settings(  # which papers' tables it compares with
+            "is", cfg, dataset.name, dataset.resolution, plain(dataset.config))))
         return MetricResult({"is": mean, "is_std": std}, protocol)
 
 

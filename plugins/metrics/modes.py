@@ -59,7 +59,6 @@ def mode_coverage(digits: np.ndarray, accepted: np.ndarray,
 class Modes(Metric):
     """Modes covered (of 1000), KL to uniform and the rejected share, on stacked digits."""
 
-    name = "modes"
     higher_is_better = True
     primary = "modes"
 
@@ -68,8 +67,8 @@ class Modes(Metric):
         #: generated samples classified.
         num_samples: int = 10_000
 
-    def __init__(self, config=None) -> None:
-        super().__init__(config)
+    def __init__(self, config=None, name: str | None = None) -> None:
+        super().__init__(config, name)
         require_samples("modes", self.config.num_samples, 1)
 
     def compute(self, context: EvaluationContext) -> MetricResult:
@@ -77,11 +76,10 @@ class Modes(Metric):
         classifier = load_digit_classifier(context.data_root, verbose=context.show_progress)
         digits, accepted = [], []
         bar = progress(n, "modes: generating + classifying", context.show_progress)
-        for images in context.generate(n):
-            d, a = classifier.classify_images(images)
-            digits.append(d.numpy())
-            accepted.append(a.numpy())
-            bar.update(len(images))
+        for scores in context.features(classifier.features_name, classifier.image_scores, n):
+            digits.append(scores["digits"])
+            accepted.append(scores["accepted"])
+            bar.update(len(scores["digits"]))
         bar.close()
         accepted_np = np.concatenate(accepted)
         values = mode_coverage(np.concatenate(digits), accepted_np)
@@ -95,7 +93,6 @@ class Modes(Metric):
 class DigitsFid(Metric):
     """Fréchet distance to real stacked digits in the digit classifier's feature space."""
 
-    name = "digits_fid"
     higher_is_better = False
     primary = "digits_fid"
 
@@ -108,8 +105,8 @@ class DigitsFid(Metric):
         #: real images in the reference statistics (0 = the whole split).
         reference_samples: int = 0
 
-    def __init__(self, config=None) -> None:
-        super().__init__(config)
+    def __init__(self, config=None, name: str | None = None) -> None:
+        super().__init__(config, name)
         require_samples("digits_fid", self.config.num_samples, 2, "a covariance")
 
     def compute(self, context: EvaluationContext) -> MetricResult:
@@ -122,9 +119,10 @@ class DigitsFid(Metric):
         chunks = []
         bar = progress(cfg.num_samples, "digits_fid: generating + digit features",
                        context.show_progress)
-        for images in context.generate(cfg.num_samples):
-            chunks.append(classifier.image_features(images))
-            bar.update(len(images))
+        for scores in context.features(classifier.features_name, classifier.image_scores,
+                                       cfg.num_samples):  # shared with ``modes``
+            chunks.append(scores["features"])
+            bar.update(len(scores["features"]))
         bar.close()
         mu, sigma = feature_statistics(np.concatenate(chunks))
         value = fid_from_statistics(mu, sigma, reference.mu, reference.sigma)

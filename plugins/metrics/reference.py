@@ -28,9 +28,6 @@ import attrs
 import numpy as np
 import torch
 
-import cleanfid
-from cleanfid.features import get_reference_statistics
-
 from core.errors import DataMissingError
 from core.eval.runner import library_versions, plain, progress
 from core.interfaces import EvaluationContext
@@ -86,7 +83,7 @@ def dataset_statistics(context: EvaluationContext, *, split: str, kind: str,
     makes the cache key. ``extra`` is added to the protocol.
     """
     dataset = context.dataset
-    name = type(dataset).name or type(dataset).__name__.lower()
+    name = dataset.name
     key = {"version": _CACHE_VERSION, "dataset": name, "dataset_config": plain(dataset.config),
            "split": split, "resolution": dataset.resolution, "kind": kind,
            "network_sha256": network_sha256, "num_samples": int(num_samples)}
@@ -101,6 +98,8 @@ def dataset_statistics(context: EvaluationContext, *, split: str, kind: str,
             with np.load(npz, allow_pickle=False) as stored:
                 mu, sigma = stored["mu"], stored["sigma"]
             if protocol.get("key") == key:
+                protocol.setdefault("whole_split",  # entries written before the field existed
+                                    not num_samples or protocol["samples"] < num_samples)
                 protocol["cache_file"] = str(npz)
                 protocol["cached"] = True
                 return Statistics(mu, sigma, protocol)
@@ -116,6 +115,7 @@ def dataset_statistics(context: EvaluationContext, *, split: str, kind: str,
     bar.close()
     mu, sigma = feature_statistics(np.concatenate(chunks))
     protocol = {"source": "dataset plugin", "dataset": name, "split": split, "samples": n,
+                "whole_split": not isinstance(data, torch.utils.data.Subset),
                 "resolution": dataset.resolution, "kind": kind, "key": key,
                 "libraries": library_versions(), **(extra or {})}
     if callable(getattr(dataset, "protocol", None)):  # the dataset's own account of its files
@@ -138,6 +138,9 @@ def dataset_statistics(context: EvaluationContext, *, split: str, kind: str,
 def published_statistics(name: str, split: str, resolution: int, mode: str) -> Statistics:
     """clean-fid's published FID statistics for dataset ``name`` (downloaded by clean-fid into
     its package folder on first use)."""
+    import cleanfid  # here: loading this module (registering ``fid``) stays cheap
+    from cleanfid.features import get_reference_statistics
+
     rel = f"{name}_{mode}_{split}_{resolution}.npz".lower()  # clean-fid's naming
     folder = Path(cleanfid.__file__).parent / "stats"
     target = folder / rel
@@ -156,5 +159,6 @@ def published_statistics(name: str, split: str, resolution: int, mode: str) -> S
             f"or leave `reference_stats` empty to compute statistics from the dataset plugin."
         ) from exc
     protocol = {"source": "clean-fid published", "name": name, "split": split,
-                "resolution": resolution, "url": url, "cache_file": str(target)}
+                "whole_split": True, "resolution": resolution, "url": url,
+                "cache_file": str(target)}
     return Statistics(np.asarray(mu, np.float64), np.asarray(sigma, np.float64), protocol)

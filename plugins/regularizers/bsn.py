@@ -82,7 +82,7 @@ class BidirectionalSpectralNorm(Regularizer):
 
     def apply(self, module: nn.Module) -> nn.Module:
         parametrize_layers(module, lambda layer, w: _bidirectional(layer, w, 1.0),
-                           self.name or "bsn")
+                           self.name)
         return module
 
 
@@ -99,7 +99,7 @@ class BidirectionalScaledSpectralNorm(Regularizer):
     def apply(self, module: nn.Module) -> nn.Module:
         scale = self.config.scale
         parametrize_layers(module, lambda layer, w: _bidirectional(layer, w, scale),
-                           self.name or "bssn")
+                           self.name)
         return module
 
 

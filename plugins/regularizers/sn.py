@@ -1,7 +1,9 @@
 """Spectral normalization (``sn``) and scaled spectral normalization (``ssn``), SPEC §2.
 
 ``sn`` is numerically :func:`torch.nn.utils.parametrizations.spectral_norm`: the same buffers
-(``parametrizations.weight.0._u`` / ``._v``), the same power-iteration step per training-mode
+(``parametrizations.weight.0._u`` / ``._v``), the same initialization (from the same seed, the
+same ``u`` and ``v`` right after registration: torch's 15 initial power steps plus the one of its
+registration check in a training-mode layer), the same power-iteration step per training-mode
 forward pass, so state dicts move between the two. ``ssn`` multiplies the normalized weight
 (never the bias) by a constant ``scale``::
 
@@ -24,8 +26,13 @@ from plugins.regularizers.base import check_positive_number, parametrize_layers,
 __all__ = ["SpectralNormWeight", "SpectralNorm", "ScaledSpectralNorm", "INIT_POWER_ITERATIONS",
            "EPS", "random_unit"]
 
-#: power-iteration steps run once when a parametrization is created (as torch does).
+#: power-iteration steps run once when a parametrization is created (as torch's
+#: ``_SpectralNorm.__init__`` does).
 INIT_POWER_ITERATIONS = 15
+#: the step of the check forward pass that torch's ``register_parametrization`` makes with the
+#: new parametrization in its host layer's training mode: in training mode one more power step,
+#: so a freshly registered torch ``spectral_norm`` has run 16 steps (15 in eval mode).
+REGISTRATION_POWER_ITERATIONS = 1
 #: the normalization's epsilon (torch's default).
 EPS = 1e-12
 
@@ -43,15 +50,25 @@ class SpectralNormWeight(nn.Module):
     (``_v``) persist; each training-mode forward pass while
     :func:`core.layers.state_updates_enabled` runs one power-iteration step; ``u`` and
     ``v`` are constants for autograd. Computed in the weight's dtype with autocast disabled.
+
+    Initialization is torch's: ``u``, then ``v``, drawn from the global RNG and normalized, then
+    :data:`INIT_POWER_ITERATIONS` steps, plus :data:`REGISTRATION_POWER_ITERATIONS` when
+    ``registered_in_training`` (the step torch's registration check makes in a training-mode
+    layer; :func:`plugins.regularizers.base.parametrize_layers` runs that check with state
+    frozen, so the step happens here instead). With the same seed, ``_u``, ``_v`` and the
+    normalized weight then equal those of a fresh ``torch.nn.utils.parametrizations.spectral_norm``.
     """
 
-    def __init__(self, weight: torch.Tensor, scale: float = 1.0) -> None:
+    def __init__(self, weight: torch.Tensor, scale: float = 1.0,
+                 registered_in_training: bool = True) -> None:
         super().__init__()
         self.scale = float(scale)
         matrix = weight_matrix(weight.detach())
         self.register_buffer("_u", random_unit(matrix.shape[0], matrix))
         self.register_buffer("_v", random_unit(matrix.shape[1], matrix))
-        power_step(matrix, self._u, self._v, EPS, INIT_POWER_ITERATIONS)
+        steps = INIT_POWER_ITERATIONS + (REGISTRATION_POWER_ITERATIONS if registered_in_training
+                                         else 0)
+        power_step(matrix, self._u, self._v, EPS, steps)
 
     def updating(self) -> bool:
         """Whether this forward pass may update state (training mode, updates enabled)."""
@@ -90,7 +107,9 @@ class SpectralNorm(Regularizer):
         pass
 
     def apply(self, module: nn.Module) -> nn.Module:
-        parametrize_layers(module, lambda layer, w: SpectralNormWeight(w), self.name or "sn")
+        parametrize_layers(
+            module, lambda layer, w: SpectralNormWeight(w, registered_in_training=layer.training),
+            self.name)
         return module
 
 
@@ -100,14 +119,17 @@ class ScaledSpectralNorm(Regularizer):
 
     @attrs.define
     class Config:
-        #: the constant the spectrally normalized weights are multiplied by (the paper sweeps
-        #: 0.7..4.0 on CIFAR-10, 0.7..1.6 elsewhere; 1 = plain SN).
+        #: the constant the spectrally normalized weights are multiplied by (the BSSN paper
+        #: sweeps SSN's scale over 0.7..10.0 on CIFAR-10, App. P.1, 1.0..1.6 on ImageNet and
+        #: 0.7..1.6 elsewhere; 1 = plain SN).
         scale: float = attrs.field(default=1.0, validator=check_positive_number("ssn"))
 
     def apply(self, module: nn.Module) -> nn.Module:
         scale = self.config.scale
-        parametrize_layers(module, lambda layer, w: SpectralNormWeight(w, scale),
-                           self.name or "ssn")
+        parametrize_layers(
+            module,
+            lambda layer, w: SpectralNormWeight(w, scale, registered_in_training=layer.training),
+            self.name)
         return module
 
 

@@ -217,7 +217,7 @@ class _SpectralRegularization(Regularizer):
                                          active=c.start <= 0)
 
     def apply(self, module: nn.Module) -> nn.Module:
-        parametrize_layers(module, self._make, self.name or type(self).__name__)
+        parametrize_layers(module, self._make, self.name)
         return module
 
     def applies_at(self, iteration: int) -> bool:

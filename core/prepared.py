@@ -1,20 +1,29 @@
-"""The prepared format: a dataset decoded and resized once into a memory-mapped ``uint8`` array.
+"""The prepared-array image format: a dataset decoded and resized once into a ``uint8`` array.
 
-Three files per (dataset, split, resolution), in the dataset's folder of the data root::
+A core contract: ``python -m core.prepare`` asks a dataset plugin to write it
+(:meth:`core.interfaces.Dataset.prepare`), the image dataset plugins read it back, and the
+conformance kit writes small samples of it. Three files per (dataset, split, resolution ``R``),
+in the dataset's folder of the data root::
 
-    <root>/<dataset>/prepared_<split>_<R>.npy         uint8 [N, R, R, 3] (NHWC), memory-mapped
-    <root>/<dataset>/prepared_<split>_<R>_labels.npy  int64 [N]
-    <root>/<dataset>/prepared_<split>_<R>.json        protocol: source, resolution, count, resize
+    <root>/<dataset>/prepared_<split>_<R>.npy         uint8 [N, R, R, 3] (NHWC, RGB), np.save
+    <root>/<dataset>/prepared_<split>_<R>_labels.npy  int64 [N], np.save
+    <root>/<dataset>/prepared_<split>_<R>.json        the protocol (a JSON object)
 
-:func:`write_prepared` decodes a dataset's source images with several worker processes and writes
-each file under a temporary name, then ``os.replace``s it into place; the JSON goes last and is
-the marker that the set is complete (an interrupted run leaves no JSON, so nothing is used).
-:class:`PreparedImages` reads them back as ``(float32 [3, R, R] in [-1, 1], label)`` items, with
-the same :func:`plugins.datasets.pixels.to_float` as the decoding path: bit-identical tensors.
+The protocol holds what the dataset plugin says makes the array fit its Config (its
+``protocol(split)``: dataset, split, resolution, resize method, crop, ...; checked on every load
+by :func:`check_protocol`) and what :func:`write_prepared` adds: ``count`` (N), ``resolution``
+(R), ``layout`` (``"NHWC uint8"``), ``format`` (:data:`FORMAT_VERSION`), the two array file
+names, ``seconds`` and ``created``.
 
-    from plugins.datasets.prepared import PreparedFiles, PreparedImages, write_prepared
+Each file is written under a temporary name and then ``os.replace``-d into place, the JSON last:
+the JSON marks a complete set (an interrupted run leaves no JSON, so nothing half-written is
+ever read). :class:`PreparedImages` memory-maps the array and gives ``(float32 [3, R, R],
+label)`` items scaled by :func:`to_float` (pixel ``p`` -> ``p / 127.5 - 1``), the same function
+the decode-on-the-fly path uses: both paths give bit-identical tensors.
+
+    from core.prepared import PreparedFiles, PreparedImages, write_prepared
     files = PreparedFiles.at(root / "imagenet", "train", 128)
-    write_prepared(source, files, protocol, workers=8)     # source: items (uint8 [R,R,3], label)
+    write_prepared(source, files, protocol, 128, workers=8)  # source: items (uint8 [R,R,3], label)
     data = PreparedImages(files)
 """
 
@@ -32,12 +41,24 @@ import numpy as np
 import torch
 
 from core.errors import SpecregError
-from plugins.datasets.pixels import to_float
+
+__all__ = ["FORMAT_VERSION", "PreparedFiles", "PreparedImages", "PreparedMismatchError",
+           "check_protocol", "to_float", "write_prepared"]
 
 #: written into every protocol file; bump if the layout ever changes.
 FORMAT_VERSION = 1
 #: images decoded per worker task.
 CHUNK = 64
+
+
+def to_float(pixels: torch.Tensor) -> torch.Tensor:
+    """``uint8 [..., H, W, 3]`` -> ``float32 [..., 3, H, W]``: ``p / 127.5 - 1`` (0 -> -1, 255 -> 1).
+
+    The result is a channels-first *view* of a channels-last buffer: the arithmetic runs on the
+    contiguous pixels (fast), and batching with ``torch.stack`` (the DataLoader's collate) makes
+    the one copy that lays it out contiguously. Call ``.contiguous()`` before ``.view``.
+    """
+    return pixels.float().div_(127.5).sub_(1.0).movedim(-1, -3)
 
 
 class PreparedMismatchError(SpecregError):

@@ -1,0 +1,187 @@
+"""Speed-ups that change no mathematics (issue 15), each as a ratio measured in one run.
+
+    python benchmarks/speed.py [--repeats 7] [--threads N] [--only NAME ...] [--quick]
+
+Every measurement runs the new and the old way alternately (the order swapping every other
+repeat), takes the ratio new / old within each repeat and prints the median over repeats on one
+line, so that load from other processes on the machine cancels out:
+
+- ``eval_sharing``: one evaluation of the quickstart's two metrics (``modes`` and ``digits_fid``
+  at the recipe's ``num_samples``, its eval batch size) through :func:`core.eval.runner.evaluate`,
+  which generates the samples once for both, against each metric generating its own (``compute``
+  on a context without a sample cache, what every evaluation did before); also checks that the
+  scores are identical.
+- ``g_shortcut``: the quickstart model's G forward and G step (G forward, D forward, hinge G
+  loss, backward, Adam step on G; batch ``--batch``) with GBlock's shortcut as conv1x1-upsample
+  against upsample-conv1x1 (:func:`plugins.architectures.blocks.upsample_before_shortcut_conv`).
+
+Measurements are the entries of :data:`MEASUREMENTS`; each prints one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, ContextManager
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from core.eval.runner import evaluate  # noqa: E402
+from core.interfaces import EvaluationContext  # noqa: E402
+from core.recipe import load_recipe  # noqa: E402
+from core.train import build_models  # noqa: E402
+from plugins.architectures.blocks import upsample_before_shortcut_conv  # noqa: E402
+
+QUICKSTART = REPO / "zoo" / "quickstart.toml"
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object]) -> float:
+    _sync()
+    start = time.perf_counter()
+    fn()
+    _sync()
+    return time.perf_counter() - start
+
+
+def alternating_ratio(new: Callable[[], object], old: Callable[[], object],
+                      repeats: int) -> tuple[float, float, float]:
+    """``(median of new/old per repeat, median new seconds, median old seconds)``; the order
+    within a repeat swaps every other repeat."""
+    ratios, t_new, t_old = [], [], []
+    for i in range(repeats):
+        if i % 2 == 0:
+            a, b = timed(new), timed(old)
+        else:
+            b, a = timed(old), timed(new)
+        t_new.append(a)
+        t_old.append(b)
+        ratios.append(a / b)
+    return statistics.median(ratios), statistics.median(t_new), statistics.median(t_old)
+
+
+def quickstart(device: torch.device):
+    recipe = load_recipe(QUICKSTART)
+    torch.manual_seed(recipe.seed)
+    architecture, G, D, _, _ = build_models(recipe)
+    return recipe, architecture, G.to(device), D.to(device)
+
+
+# -- measurements ---------------------------------------------------------------------------
+
+
+def eval_sharing(args: argparse.Namespace, device: torch.device) -> str:
+    recipe, architecture, G, D = quickstart(device)
+    metrics = [spec.create() for spec in recipe.eval.metrics]
+    samples = ", ".join(f"{m.name} {m.config.num_samples}" for m in metrics)
+    with tempfile.TemporaryDirectory() as root:
+        context = EvaluationContext(
+            generator=G, architecture=architecture, dataset=recipe.dataset.create(),
+            data_root=Path(root), device=device, seed=recipe.seed, iteration=0,
+            batch_size=recipe.eval.batch_size, discriminator=D, show_progress=False)
+        scores: dict[str, list] = {"shared": [], "alone": []}
+
+        def shared() -> None:
+            scores["shared"].append([r["values"] for r in evaluate(metrics, context)])
+
+        def alone() -> None:
+            scores["alone"].append([m.compute(context).values for m in metrics])
+
+        alone()  # warm-up: trains the digit classifier, computes the reference statistics
+        ratio, t_new, t_old = alternating_ratio(shared, alone, args.repeats)
+    values = scores["shared"] + scores["alone"]
+    same = all(v == values[0] for v in values)  # NaN-free here: modes, kl, digits_fid...
+    first = values[0]
+    shown = ", ".join(f"{k} {v:.6g}" for result in first for k, v in result.items()
+                      if k in ("modes", "digits_fid"))
+    return (f"eval_sharing: one evaluation of the quickstart's metrics ({samples} samples, "
+            f"batch {recipe.eval.batch_size}): shared / alone = {ratio:.3f}x "
+            f"({t_new:.2f} s vs {t_old:.2f} s, median of {args.repeats}); "
+            f"scores {'identical' if same else 'DIFFER'} ({shown})")
+
+
+def g_shortcut(args: argparse.Namespace, device: torch.device) -> str:
+    recipe, architecture, G, D = quickstart(device)
+    loss = recipe.loss.create()
+    G.train()
+    D.train()
+    optimizer = torch.optim.Adam(G.parameters(), lr=recipe.train.lr_g,
+                                 betas=tuple(recipe.train.betas))
+    rng = torch.Generator().manual_seed(0)
+    z, y = architecture.sample_latents(args.batch, rng, device)
+    steps = args.steps
+
+    def forward() -> None:
+        with torch.no_grad():
+            for _ in range(steps):
+                G(z, y)
+
+    def g_step() -> None:
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            fake = G(z, y)
+            loss.generator_loss(D(fake, y)).backward()
+            optimizer.step()
+
+    def with_order(fn: Callable[[], None], order: Callable[[], ContextManager]):
+        def run() -> None:
+            with order():
+                fn()
+        return run
+
+    lines = []
+    for label, fn in (("G forward", forward), ("G step", g_step)):
+        fn()  # warm-up
+        with upsample_before_shortcut_conv():
+            fn()
+        ratio, t_new, t_old = alternating_ratio(
+            with_order(fn, contextlib.nullcontext), with_order(fn, upsample_before_shortcut_conv),
+            args.repeats)
+        lines.append(f"{label} {ratio:.3f}x ({1e3 * t_new / steps:.1f} vs "
+                     f"{1e3 * t_old / steps:.1f} ms)")
+    return (f"g_shortcut: quickstart G (resnet32, g_ch {recipe.architecture.config.g_ch}, batch "
+            f"{args.batch}), shortcut conv1x1-upsample / upsample-conv1x1: " + "; ".join(lines)
+            + f" (median of {args.repeats})")
+
+
+#: (name, measurement): each returns its one line.
+MEASUREMENTS: list[tuple[str, Callable[[argparse.Namespace, torch.device], str]]] = [
+    ("eval_sharing", eval_sharing),
+    ("g_shortcut", g_shortcut),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=7, help="alternating repeats (>= 5)")
+    parser.add_argument("--batch", type=int, default=64, help="G batch size")
+    parser.add_argument("--steps", type=int, default=5, help="G forwards / steps per repeat")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--only", nargs="*", default=None, choices=[n for n, _ in MEASUREMENTS])
+    parser.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads",
+          flush=True)
+    for name, measure in MEASUREMENTS:
+        if args.only is None or name in args.only:
+            print(measure(args, device), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
