@@ -25,7 +25,9 @@ The map (each name is documented where it is defined):
 - Registering: :data:`hookimpl` (the ``register_<kind>(register)`` hooks are listed in
   :mod:`core.hookspecs`).
 - The plugin kinds (:mod:`core.interfaces`): :class:`Plugin` (``config`` and ``name``),
-  :class:`Regularizer` (``apply``, ``after_step``, ``loss_term``), :class:`Architecture`,
+  :class:`Regularizer` (``apply``, ``after_step``, ``penalty`` of a :class:`StepContext` with
+  ``needs`` and ``penalty_every``, ``state_dict``/``load_state_dict``; v1's ``loss_term``),
+  :class:`Architecture`,
   :class:`Loss`, :class:`Metric` with :class:`MetricResult` and the
   :class:`EvaluationContext` it is computed in, :class:`Dataset`, :class:`Callback` (training-loop
   hooks ``on_start``, ``on_iteration_end``, ``on_end``, ``state_dict``/``load_state_dict``).
@@ -51,7 +53,7 @@ from __future__ import annotations
 from core.errors import DataMissingError, SpecregError, WeightsMissingError
 from core.hookspecs import hookimpl
 from core.interfaces import (Architecture, Callback, Dataset, EvaluationContext, Loss, Metric,
-                             MetricResult, Plugin, Regularizer)
+                             MetricResult, Plugin, Regularizer, StepContext)
 from core.layers import (LAYER_TYPES, frozen_state, parametrizations_of, raw_weight,
                          state_updates_enabled, weight_layers, weight_matrix)
 from core.svd import TRUSTED, ThinSVD, singular_values, svd, thin_svd
@@ -62,6 +64,7 @@ __all__ = [
     # the plugin kinds
     "Plugin",
     "Regularizer",
+    "StepContext",
     "Architecture",
     "Loss",
     "Metric",

@@ -2,7 +2,10 @@
 
 A checkpoint is a folder ``RUN/checkpoints/iter_0001000/`` holding
 
-- ``models.safetensors``: generator and discriminator state dicts (regularizer buffers included),
+- ``models.safetensors``: generator and discriminator state dicts (regularizer buffers included;
+  ``generator_ema.*`` too when the recipe has ``[generator.ema]``),
+- ``regularizers.safetensors``: the regularizers' own state (``Regularizer.state_dict``, keyed
+  ``discriminator.<position>.<key>``), when any regularizer has some,
 - ``optimizers.pt``: both optimizers' state dicts (tensors and numbers only; loaded with
   ``torch.load(weights_only=True)``),
 - ``rng_rank<r>.safetensors`` + ``rng_rank<r>.json``: every process's random states,
@@ -50,6 +53,7 @@ LATEST = "latest"
 BEST = "best"
 MODELS = "models.safetensors"
 OPTIMIZERS = "optimizers.pt"
+REGULARIZERS = "regularizers.safetensors"
 STATE = "state.json"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -241,7 +245,10 @@ class CheckpointWriter:
 
     def save(self, name: str, models: dict[str, torch.nn.Module],
              optimizers: dict[str, torch.optim.Optimizer], state: dict[str, Any],
-             generators: dict[str, torch.Generator], update_latest: bool = True) -> Path:
+             generators: dict[str, torch.Generator], update_latest: bool = True,
+             regularizers: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write checkpoint ``name``; ``regularizers``: the regularizers' own state
+        (``{"discriminator.0.key": tensor}``), written to ``regularizers.safetensors`` if any."""
         acc = self.accelerator
         final = self.root / name
         tmp = self.root / f"{_TMP_PREFIX}{name}"
@@ -262,6 +269,9 @@ class CheckpointWriter:
                 for key, model in models.items():
                     weights.update(_tensors_for_saving(acc.unwrap_model(model).state_dict(), key))
                 _write_bytes(tmp / MODELS, safetensors_bytes(weights))
+                if regularizers:
+                    _write_bytes(tmp / REGULARIZERS, safetensors_bytes(
+                        _tensors_for_saving(regularizers, "regularizers")))
                 _torch_save({k: opt.state_dict() for k, opt in optimizers.items()},
                             tmp / OPTIMIZERS)
                 (tmp / STATE).write_text(json.dumps({**state, "processes": acc.num_processes},
@@ -678,6 +688,38 @@ def _check_shapes(checkpoint: Path, key: str, state: dict[str, torch.Tensor],
 def _is_regularizer_state(key: str) -> bool:
     return ".parametrizations." in f".{key}" and not key.endswith(".original") \
         and not key.endswith(".original0") and not key.endswith(".original1")
+
+
+def saved_networks(checkpoint: Path) -> set[str]:
+    """The networks whose weights ``models.safetensors`` holds (``generator``,
+    ``discriminator``, ``generator_ema``...)."""
+    checkpoint = Path(checkpoint)
+    try:
+        weights = load_safetensors_bytes(_loading(checkpoint, MODELS))
+    except SafetensorError as exc:
+        raise _damaged(_Damage(checkpoint / MODELS, f"not a readable safetensors file ({exc})"),
+                       checkpoint) from None
+    return {key.split(".", 1)[0] for key in weights}
+
+
+def load_regularizer_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The regularizers' own state saved with ``checkpoint`` (``{"discriminator.0.key":
+    tensor}``); ``{}`` for a checkpoint without any."""
+    checkpoint = Path(checkpoint)
+    manifest = None
+    try:
+        manifest = _read_manifest(checkpoint)
+        listed = manifest is not None and REGULARIZERS in manifest
+        if not listed and not (checkpoint / REGULARIZERS).is_file():
+            return {}
+        tensors = load_safetensors_bytes(_read_bytes(checkpoint, REGULARIZERS, manifest))
+    except _Damage as damage:
+        raise _damaged(damage, checkpoint) from None
+    except SafetensorError as exc:
+        raise _damaged(_Damage(checkpoint / REGULARIZERS, f"not a readable safetensors file "
+                                                          f"({exc})"), checkpoint) from None
+    prefix = "regularizers."
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def load_optimizers(checkpoint: Path, optimizers: dict[str, torch.optim.Optimizer]) -> None:

@@ -1,12 +1,15 @@
 """``--dry-run``: validate a recipe, build every plugin, run one tiny forward/backward, print the plan.
 
 No data is read and nothing is written, so a recipe can be checked on a laptop before it goes to
-the cluster (SPEC §4's batch arithmetic included).
+the cluster (SPEC §4's batch arithmetic included). Whether the data is there is checked (its
+folder under ``data_root``): missing data that will not be downloaded is an error naming the
+prepare command (exit 2), unless ``--ignore-data`` (``check_data=False``).
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -39,7 +42,26 @@ def _settings(config) -> str:
     return " (" + ", ".join(f"{k}={v!r}" for k, v in attrs.asdict(config).items()) + ")"
 
 
-def dry_run(recipe, recipe_path: str, processes: int | None = None) -> str:
+def data_status(recipe, dataset) -> tuple[str, str | None]:
+    """(what the plan says about the data, the error if it is missing and will not be fetched).
+    A dataset without a folder under ``data_root`` (``data_folder``) is embedded: always there."""
+    folder_of = getattr(dataset, "data_folder", None)
+    if folder_of is None:
+        return "embedded", None
+    folder = Path(folder_of(Path(recipe.data_root)))
+    if folder.is_dir() and any(folder.iterdir()):
+        return f"present ({folder})", None
+    if getattr(getattr(dataset, "config", None), "download", False):
+        return f"not yet under {folder}: the run downloads it (download = true)", None
+    command = getattr(dataset, "prepare_command", None)
+    how = f"; put it there (or prepare it: {command(Path(recipe.data_root))})" if command else ""
+    return "missing", (f"dataset '{recipe.dataset.name}': its data is missing: {folder} does not "
+                       f"exist or is empty{how}; or point data_root at it. --ignore-data skips "
+                       f"this check")
+
+
+def dry_run(recipe, recipe_path: str, processes: int | None = None,
+            check_data: bool = True) -> str:
     """Build everything, run one forward/backward at batch 2, and return the plan as text."""
     from core.train import build_models
 
@@ -50,12 +72,13 @@ def dry_run(recipe, recipe_path: str, processes: int | None = None) -> str:
     arch, G, D, d_reg, g_reg = build_models(recipe)
     dataset = recipe.dataset.create()
     loss_fn = recipe.loss.create()
-    if dataset.resolution != arch.resolution:
-        from core.errors import SpecregError
+    # every value and the rules across keys (the dataset's and the architecture's resolutions,
+    # the batch arithmetic, eval.best) were checked when the recipe was loaded, as for a real run
+    data, missing = data_status(recipe, dataset)
+    if missing and check_data:
+        from core.errors import DataMissingError
 
-        raise SpecregError(f"{recipe_path}: dataset '{recipe.dataset.name}' is "
-                           f"{dataset.resolution}x{dataset.resolution} but architecture "
-                           f"'{recipe.architecture.name}' is {arch.resolution}x{arch.resolution}")
+        raise DataMissingError(f"{recipe_path}: {missing}")
     # one forward/backward at a tiny batch, on random "real" images
     G.train(), D.train()
     z, y = arch.sample_latents(2)
@@ -75,7 +98,7 @@ def dry_run(recipe, recipe_path: str, processes: int | None = None) -> str:
         f"recipe        {recipe_path}",
         f"dataset       {recipe.dataset.name} ({dataset.resolution}x{dataset.resolution}, "
         f"{'%d classes' % dataset.num_classes if dataset.num_classes else 'unconditional'}) "
-        f"under {recipe.data_root}",
+        f"under {recipe.data_root}; data {data}",
         f"architecture  {recipe.architecture.name}: G {count_parameters(G):,} parameters, "
         f"D {count_parameters(D):,} parameters, z_dim {arch.z_dim}, "
         f"{'%d classes' % arch.num_classes if arch.conditional else 'unconditional'}",

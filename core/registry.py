@@ -184,6 +184,11 @@ class Registry:
                 self.add(module, Provider(name=info.name, version=_own_version()))
 
     def load_entry_points(self, strict: bool | None = None) -> None:
+        """Register every third-party plugin (entry points of ``ENTRY_POINT_GROUP``). One that
+        fails to import, registers a name already taken (a built-in's or another package's) or
+        calls ``sys.exit()`` at import is skipped with a warning naming its distribution: the
+        built-ins and the other plugins keep working. With ``SPECREG_STRICT_PLUGINS=1`` (or
+        ``strict=True``) each of these is a :class:`PluginError` instead."""
         strict = _strict() if strict is None else strict
         for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
             dist = ep.dist.name if ep.dist is not None else "unknown distribution"
@@ -191,14 +196,19 @@ class Registry:
             provider = Provider(name=ep.name, distribution=dist, version=version)
             try:
                 self.add(ep.load(), provider)
-            except DuplicatePluginError:
+            except (KeyboardInterrupt, GeneratorExit):
                 raise
-            except Exception as exc:  # one broken plugin must not take the tool down
+            except BaseException as exc:  # noqa: BLE001 - SystemExit at import included
                 self.remove(provider)  # undo a partial registration
-                provider.error = f"{type(exc).__name__}: {exc}"
+                if isinstance(exc, SystemExit):
+                    provider.error = f"called sys.exit({exc.code!r}) while being imported"
+                else:
+                    provider.error = f"{type(exc).__name__}: {exc}"
                 self.providers.append(provider)
+                if strict and isinstance(exc, DuplicatePluginError):
+                    raise
                 if strict:
-                    raise PluginError(f"plugin '{ep.name}' from {dist} failed to load: "
+                    raise PluginError(f"plugin '{ep.name}' from {dist} {version} failed to load: "
                                       f"{provider.error}") from exc
                 print(f"specreg: warning: plugin '{ep.name}' from {dist} {version} failed to load "
                       f"and is skipped: {provider.error} (set {STRICT_ENV}=1 to make this an "

@@ -436,9 +436,6 @@ def test_the_command_line_stops_on_a_full_disk_in_one_line_and_resumes_later(tra
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="core/run.py must call core.checkpoint.ensure_writable("
-                   "run_dir) on the main process before building the trainer (TensorBoard's "
-                   "writer fails first otherwise, with a traceback); remove this mark when it does")
 def test_the_command_line_in_a_read_only_run_folder_says_so_in_one_line(trained, tmpfs):
     fs = tmpfs("16m")
     run_dir = fs.path / "run"

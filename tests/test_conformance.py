@@ -134,7 +134,6 @@ def builtin_cases() -> list[Case]:
 
 BUILTIN_CASES = builtin_cases()
 
-
 @parametrize_with_checks(BUILTIN_CASES)
 def test_builtin_plugin_conforms(plugin, check):
     check(plugin)
@@ -151,7 +150,8 @@ def test_every_builtin_is_run_through_the_kit():
                 if registry.kinds[kind].providers[name].distribution == BUILTIN}
     covered = {case.id.split("[")[0] for case in BUILTIN_CASES}
     assert covered == expected - set(EXCLUDED)
-    assert {"losses/hinge", "datasets/stacked_digits"} <= covered
+    assert {"losses/hinge", "losses/ns", "losses/wasserstein", "losses/rahinge",
+            "regularizers/r1", "regularizers/wgan_gp", "datasets/stacked_digits"} <= covered
 
 
 def test_every_hook_has_conformance_checks():
@@ -179,7 +179,8 @@ def test_parametrize_with_checks_names_cases_and_marks_the_multi_process_check_s
     assert "regularizers/GoodSN-check_regularizer_consistent_across_processes" in ids
     assert "losses/Hinge-check_loss_is_a_batch_mean" in ids
     slow = {p.id for p in params if any(m.name == "slow" for m in p.marks)}
-    assert slow == {"regularizers/GoodSN-check_regularizer_consistent_across_processes"}
+    assert slow == {"regularizers/GoodSN-check_regularizer_consistent_across_processes",
+                    "regularizers/GoodSN-check_regularizer_ddp_matches_one_process"}
     assert len(ids) == len(testing.checks_for(GoodSN)) + len(testing.checks_for(Hinge))
 
 
@@ -313,10 +314,123 @@ class NoisyProjection(GoodSN):
 
 
 class NaNPenalty(GoodSN):
-    """Returns a NaN loss term."""
+    """Returns a NaN loss term (contract v1's loss_term, reached through the default penalty)."""
 
     def loss_term(self, module, iteration):
         return next(module.parameters()).sum() * math.nan
+
+
+class GoodR1(Regularizer):
+    """R1 (Mescheder et al. 2018, eq. 9) in a few lines, lazy every 2 steps: the positive control
+    of a data-dependent penalty."""
+
+    @attrs.define
+    class Config:
+        gamma: float = 1.0
+
+    needs = frozenset({"real_grad"})
+    penalty_every = 2
+
+    def apply(self, module):
+        return module
+
+    def penalty(self, context):
+        if context.phase != "D":
+            return None
+        (grad,) = torch.autograd.grad(context.real_logits.sum(), context.real, create_graph=True)
+        return self.config.gamma / 2 * grad.square().flatten(1).sum(1).mean()
+
+
+class DetachedR1(GoodR1):
+    """Takes the input gradient without create_graph: the penalty reaches no parameter."""
+
+    def penalty(self, context):
+        if context.phase != "D":
+            return None
+        (grad,) = torch.autograd.grad(context.real_logits.sum(), context.real, retain_graph=True)
+        return grad.square().flatten(1).sum(1).mean()
+
+
+class LastLayerPenalty(GoodR1):
+    """Depends on the batch (through the reals, detached), but reaches only D's last linear
+    layer."""
+
+    needs = frozenset()
+
+    def penalty(self, context):
+        if context.phase != "D":
+            return None
+        last = [m for m in context.module.modules() if isinstance(m, nn.Linear)][-1]
+        return last.weight.square().sum() * context.real.detach().square().mean()
+
+
+class BackwardInPenalty(GoodR1):
+    """Back-propagates its own penalty (the loop's scaling by 1/k and every never applies)."""
+
+    def penalty(self, context):
+        value = super().penalty(context)
+        if value is not None:
+            value.backward(retain_graph=True)
+        return value
+
+
+class FirstMicroBatchOnly(GoodR1):
+    """Computes its penalty on the first micro-batch only, times their number (a k-fold weight on
+    half the data)."""
+
+    def penalty(self, context):
+        if context.micro_batch > 0:
+            return None
+        value = super().penalty(context)
+        return None if value is None else value * context.num_micro_batches
+
+
+class UnknownNeeds(GoodR1):
+    """Asks the loop for something it does not prepare."""
+
+    needs = frozenset({"real_grad", "fake_grad"})
+
+
+class ZeroEvery(GoodR1):
+    """A lazy interval of 0."""
+
+    penalty_every = 0
+
+
+class ForgetsItsState(GoodR1):
+    """Keeps a step count in its own state_dict, but ignores load_state_dict."""
+
+    def __init__(self, config=None) -> None:
+        super().__init__(config)
+        self.count = torch.zeros((), dtype=torch.int64)
+
+    def penalty(self, context):
+        self.count += 1
+        return super().penalty(context)
+
+    def state_dict(self):
+        return {"count": self.count.clone()}
+
+
+class InterpolatesPerProcess(GoodR1):
+    """A WGAN-GP-style penalty whose interpolation weights come from a generator seeded by
+    (step, micro-batch, process): they depend on how the batch is split."""
+
+    needs = frozenset()
+    penalty_every = 1
+
+    def penalty(self, context):
+        if context.phase != "D":
+            return None
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        seed = 1000 * context.step + 10 * context.micro_batch + rank
+        eps = torch.rand(len(context.real), 1, 1, 1, generator=torch.Generator().manual_seed(seed))
+        x = (eps * context.real + (1 - eps) * context.fake).detach().requires_grad_()
+        (grad,) = torch.autograd.grad(context.discriminator(x, context.real_labels).sum(), x,
+                                      create_graph=True)
+        return (grad.flatten(1).norm(dim=1) - 1).square().mean()
 
 
 class Hinge(Loss):
@@ -329,7 +443,7 @@ class Hinge(Loss):
     def discriminator_loss(self, real, fake):
         return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
 
-    def generator_loss(self, fake):
+    def generator_loss(self, fake, real_logits=None):
         return -fake.mean()
 
 
@@ -349,6 +463,48 @@ class SummedHinge(Hinge):
 
 class UndocumentedHinge(Hinge):
     pass
+
+
+class V1Hinge(Hinge):
+    """The generator loss of contract v1: no ``real_logits`` parameter."""
+
+    def generator_loss(self, fake):
+        return -fake.mean()
+
+
+class RelativisticIgnoringReals(Hinge):
+    """Declares it needs real logits, never uses them."""
+
+    needs_real_logits = True
+
+
+class UsesUndeclaredReals(Hinge):
+    """Uses real logits without declaring needs_real_logits (the loop would never pass them)."""
+
+    def generator_loss(self, fake, real_logits=None):
+        shift = 0.0 if real_logits is None else real_logits.mean()
+        return -(fake - shift).mean()
+
+
+class GoodRaHinge(Hinge):
+    """Relativistic average hinge (Jolicoeur-Martineau 2019, RaHingeGAN): the positive control
+    of a loss that needs real logits."""
+
+    needs_real_logits = True
+
+    def discriminator_loss(self, real, fake):
+        return F.relu(1 - (real - fake.mean())).mean() + F.relu(1 + (fake - real.mean())).mean()
+
+    def generator_loss(self, fake, real_logits=None):
+        return (F.relu(1 + (real_logits - fake.mean())).mean()
+                + F.relu(1 - (fake - real_logits.mean())).mean())
+
+
+class SummedRaHinge(GoodRaHinge):
+    """Sums the relativistic terms over the batch."""
+
+    def discriminator_loss(self, real, fake):
+        return F.relu(1 - (real - fake.mean())).sum() + F.relu(1 + (fake - real.mean())).sum()
 
 
 class IntKeysConfigHinge(Hinge):
@@ -516,7 +672,7 @@ class PrepareCrashesWithoutFiles(ReportsMissingFiles):
         return {"count": len((Path(root) / "noise").iterdir()), "resolution": 8}
 
 
-GOOD = [GoodSN, Hinge, TinyArchitecture, ConstantMetric, Noise,
+GOOD = [GoodSN, GoodR1, Hinge, GoodRaHinge, TinyArchitecture, ConstantMetric, Noise,
         Case(ReportsMissingFiles, prepare=lambda root: (root / "noise").mkdir() or
              (root / "noise" / "ok").touch())]
 
@@ -536,9 +692,24 @@ BROKEN = [
     (HalvesOnceInPython, "check_regularizer_state_dict_round_trip", "next training step"),
     (HalvesOnceInPython, "check_regularizer_checkpoint_resume", "differs from a straight run"),
     (NaNPenalty, "check_regularizer_finite_outputs_and_gradients", "non-finite"),
+    (DetachedR1, "check_regularizer_penalty_reaches_discriminator", "without a gradient"),
+    (LastLayerPenalty, "check_regularizer_penalty_reaches_discriminator",
+     "missing, zero or non-finite for D's weights"),
+    (BackwardInPenalty, "check_regularizer_penalty_reaches_discriminator",
+     "filled parameters' .grad itself"),
+    (UnknownNeeds, "check_regularizer_penalty_reaches_discriminator", "['fake_grad']"),
+    (FirstMicroBatchOnly, "check_regularizer_penalty_micro_batches_equal_one_batch",
+     "differ between 1 micro-batch of 8 and 2 of 4"),
+    (ZeroEvery, "check_regularizer_acts_once_per_optimizer_step",
+     "penalty_every must be an integer >= 1"),
+    (ForgetsItsState, "check_regularizer_own_state_round_trip", "does not give the state back"),
     (SwappedHinge, "check_loss_sign_conventions", "is not below"),
     (SwappedHinge, "check_loss_gradients", "d(L_D)/d(real) must be <= 0"),
     (SummedHinge, "check_loss_is_a_batch_mean", "not batch means"),
+    (SummedRaHinge, "check_loss_is_a_batch_mean", "vs the batch twice"),
+    (V1Hinge, "check_loss_real_logits", "must accept real_logits"),
+    (RelativisticIgnoringReals, "check_loss_real_logits", "does not depend on real_logits"),
+    (UsesUndeclaredReals, "check_loss_real_logits", "changes with real_logits"),
     (UndocumentedHinge, "check_documented", "no docstring"),
     (IntKeysConfigHinge, "check_config_round_trip", "cannot be written as TOML"),
     (OutOfRange, "check_architecture_shapes_and_range", "in [-1, 1]"),
@@ -569,6 +740,15 @@ def test_noisy_projection_is_deterministic_under_a_seed_yet_inconsistent_across_
     checks["check_regularizer_deterministic_under_seed"](NoisyProjection)
     with pytest.raises(ConformanceError, match="differ between the 2 processes"):
         checks["check_regularizer_consistent_across_processes"](NoisyProjection)
+
+
+@pytest.mark.slow
+def test_interpolates_drawn_per_process_fail_the_ddp_and_micro_batch_checks():
+    checks = {c.name: c for c in testing.checks_for(InterpolatesPerProcess)}
+    with pytest.raises(ConformanceError, match="2 DDP processes and one process"):
+        checks["check_regularizer_ddp_matches_one_process"](InterpolatesPerProcess)
+    with pytest.raises(ConformanceError, match="differ between 1 micro-batch of 8 and 2"):
+        checks["check_regularizer_penalty_micro_batches_equal_one_batch"](InterpolatesPerProcess)
 
 
 def test_a_dataset_without_files_and_without_prepare_is_skipped_with_the_reason():

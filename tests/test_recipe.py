@@ -166,7 +166,8 @@ def test_unknown_callback_and_unknown_key_are_one_line_each(tmp_path, base):
         "--set callbacks.spectral=5: wrong type at callbacks.spectral: expected a table (the "
         "settings of callback 'spectral'), got integer 5"]
     with pytest.raises(RecipeError, match=r"--set callbacks.spectral.mass_drop=2: invalid value "
-                                          r"at callbacks.spectral: mass_drop must lie"):
+                                          r"at callbacks.spectral.mass_drop: must be a number in "
+                                          r"\(0, 1\), got 2.0"):
         load_recipe(base, ["callbacks.spectral.mass_drop=2"])
 
 

@@ -77,7 +77,8 @@ def test_strict_mode_makes_a_broken_plugin_an_error(plugin_path, monkeypatch):
         fresh_registry()
 
 
-def test_duplicate_name_is_refused_naming_both_providers(plugin_path):
+def test_duplicate_name_is_refused_naming_both_providers(plugin_path, monkeypatch):
+    monkeypatch.setenv("SPECREG_STRICT_PLUGINS", "1")  # otherwise a warning (test_run_hardening)
     write_distribution(plugin_path, "specreg-dup", "specreg_dup",
                        GOOD_PLUGIN.replace('"wasserstein_test"', '"hinge"'))
     with pytest.raises(DuplicatePluginError) as info:

@@ -64,7 +64,7 @@ def test_all_six_are_registered_with_documented_configs():
 
 
 @pytest.mark.parametrize("name, config, words", [
-    ("ssn", dict(scale=0.0), ["ssn", "scale", "positive"]),
+    ("ssn", dict(scale=0.0), ["ssn", "scale", "> 0"]),
     ("bssn", dict(scale=-1.0), ["bssn", "scale"]),
     ("sr_static", dict(fraction=0.0), ["fraction", "(0, 1]"]),
     ("sr_static", dict(fraction=1.5), ["fraction"]),

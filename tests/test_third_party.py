@@ -313,7 +313,8 @@ def test_example_package_installs_lists_trains_passes_the_kit_and_uninstalls(tmp
     listing = _run([python, "-m", "core.run", "plugins"])
     assert listing.returncode == 1, listing.stderr  # a plugin failed to load
     out = listing.stdout
-    assert "specreg-orthogonal 0.1.0 (entry point 'orthogonal')\n  regularizers: orthogonal" in out
+    assert ("specreg-orthogonal 0.1.0 (entry point 'orthogonal')\n"
+            "  regularizers: orthogonal, r2\n") in out  # r2: the data-dependent penalty
     assert ("specreg-orthogonal-broken 0.1.0 (entry point 'orthogonal_broken')\n"
             "  FAILED TO LOAD: ModuleNotFoundError: No module named "
             "'specreg_missing_dependency'") in out

@@ -7,7 +7,9 @@
 Metrics default to the run recipe's ``eval.metrics`` (with their Configs); ``--metrics`` picks
 others by name (the recipe's Config for a metric it lists, the default Config otherwise).
 Every score is appended with its protocol to ``RUN_DIR/evaluations.jsonl`` and printed as a
-table. Class-conditional generators are sampled with uniformly drawn labels.
+table. Class-conditional generators are sampled with uniformly drawn labels. A run with
+``[generator.ema]`` is scored with its EMA generator; each record's ``generator`` says which
+(``"generator"`` or ``"generator_ema"``).
 """
 
 from __future__ import annotations
@@ -90,6 +92,13 @@ def evaluate_run(args: argparse.Namespace) -> int:
     metrics = select_metrics(recipe, args.metrics, args.num_samples)
     architecture, G, D, _, _ = build_models(recipe)
     ckpt.load_models(checkpoint, {"generator": G, "discriminator": D})
+    which = "generator"
+    if recipe.generator.ema is not None and "generator_ema" in ckpt.saved_networks(checkpoint):
+        from core.ema import GeneratorEMA
+
+        ema = GeneratorEMA(G, recipe.generator.ema.decay_per_step(1), recipe.generator.ema.start)
+        ckpt.load_models(checkpoint, {"generator_ema": ema})
+        G, which = ema.module, "generator_ema"  # the EMA is what the run samples and scores
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     G.to(device).eval()
     D.to(device).eval()
@@ -104,7 +113,7 @@ def evaluate_run(args: argparse.Namespace) -> int:
     records = evaluate(metrics, context)
     with (run_dir / "evaluations.jsonl").open("a") as fh:
         for record in records:
-            fh.write(json.dumps({**record, "checkpoint": checkpoint.name,
+            fh.write(json.dumps({**record, "checkpoint": checkpoint.name, "generator": which,
                                  "source": "core.eval"}) + "\n")
     print(format_table(records))
     return 0

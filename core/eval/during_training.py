@@ -4,17 +4,31 @@ Every ``eval.every`` iterations (and at the end) the recipe's metrics run on the
 the full records (scores + protocol) are appended to ``RUN/evaluations.jsonl`` and a flat
 ``eval`` line (``{"modes.modes": 987, ...}``) goes to ``metrics.jsonl`` and TensorBoard. If
 ``eval.best = "metric.key"`` improved, every process joins in saving ``checkpoints/best``.
+On resume, :func:`trim_evaluations` drops the records past the checkpoint's iteration (a crashed
+run's tail, which the resumed run evaluates again), as ``metrics.jsonl`` is trimmed.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
 from core.errors import SpecregError
 from core.interfaces import EvaluationContext
+
+#: the evaluation records of a run, one JSON object a line
+EVALUATIONS_FILE = "evaluations.jsonl"
+
+
+def trim_evaluations(run_dir: Path, iteration: int) -> None:
+    """Drop ``RUN/evaluations.jsonl``'s records past ``iteration`` and a line that does not
+    parse (a crash's partial line), so that a resumed run's records have no duplicates."""
+    from core.tracking import truncate_metrics
+
+    truncate_metrics(Path(run_dir) / EVALUATIONS_FILE, iteration)
 
 
 def flat_scores(records: list[dict[str, Any]]) -> dict[str, float]:
@@ -47,14 +61,17 @@ def make_evaluator(recipe):
         acc = trainer.acc
         decision: list[Any] = [None]
         if acc.is_main_process:
+            # the EMA of G when [generator.ema] is on; the record says which one was evaluated
+            which, generator = trainer.sampling_generator()
             context = EvaluationContext(
-                generator=trainer.unwrapped(trainer.G), architecture=trainer.architecture,
+                generator=generator, architecture=trainer.architecture,
                 dataset=trainer.dataset_plugin, data_root=Path(recipe.data_root),
                 device=acc.device, seed=recipe.seed, iteration=trainer.iteration,
                 batch_size=recipe.eval.batch_size, discriminator=trainer.unwrapped(trainer.D),
-                show_progress=recipe.log.progress)
-            records = run_metrics(metrics, context)
-            with (trainer.run_dir / "evaluations.jsonl").open("a") as fh:
+                # a bar in a log file is one huge \r-joined line
+                show_progress=recipe.log.progress and sys.stderr.isatty())
+            records = [{**r, "generator": which} for r in run_metrics(metrics, context)]
+            with (trainer.run_dir / EVALUATIONS_FILE).open("a") as fh:
                 for record in records:
                     fh.write(json.dumps(record) + "\n")
             scores = flat_scores(records)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from core.testing.kit import SEED, Case, differences, fail, state_of
-from core.testing.steps import optimizer_step, random_images, regularized
+from core.testing.steps import kit_optimizer, optimizer_step, random_images, regularized
 
 #: optimizer steps of the DDP run; micro-batches per step and rank; images per micro-batch.
 STEPS, MICRO_BATCHES, MICRO_BATCH = 3, 2, 4
@@ -65,7 +65,7 @@ def ddp_child(rank: int, world: int, port: int, case: Case, out: str) -> None:
         reg, D = regularized(case, seed=SEED)  # identical initialization on every rank
         D = D.double()
         ddp = DistributedDataParallel(D)  # buffers synced from rank 0 at every forward
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+        opt = kit_optimizer(ddp)
         torch.manual_seed(SEED + rank)  # each rank its own global random stream, as under torchrun
         for it, batches in enumerate(rank_batches(rank)):
             optimizer_step(case, reg, D, opt, batches, it, wrapped=ddp)

@@ -20,8 +20,8 @@ from core.testing.ddp import STEPS, WORLD, ddp_run, rank_batches
 from core.testing.kit import (SEED, Case, conformance_check, differences, fail, registered,
                               state_of)
 from core.testing.steps import (checked_every, checked_penalty, d_regularizers,
-                                discriminator_context, objective, optimizer_step, random_images,
-                                regularized, small_trainer, trainer_recipe)
+                                discriminator_context, kit_optimizer, objective, optimizer_step,
+                                random_images, regularized, small_trainer, trainer_recipe)
 
 #: what a regularizer may list in ``needs`` (core.interfaces.Regularizer.needs).
 KNOWN_NEEDS = frozenset({"real_grad"})
@@ -89,7 +89,7 @@ def check_regularizer_own_state_round_trip(case: Case) -> None:
 
     reg, D = regularized(case)
     rng = torch.Generator().manual_seed(SEED)
-    opt = torch.optim.SGD(D.parameters(), lr=0.05)
+    opt = kit_optimizer(D)
     for it in range(2):
         optimizer_step(case, reg, D, opt, [random_images(4, rng)], it)
     state = reg.state_dict()
@@ -227,10 +227,22 @@ def check_regularizer_lazy_penalty_scaling(case: Case) -> None:
                        f"{' + ' + str(every) + ' * grad P_m' if due else ''}) / {k}: {diff[:4]}")
 
 
+def _hold_batch_norm_in_eval_mode(model: torch.nn.Module) -> None:
+    """Every BatchNorm of ``model`` normalizes with its running statistics from here on, even
+    after ``model.train()``: each output then depends on its own sample only."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._NormBase):
+            module.eval()
+            module.train = lambda mode=True, _m=module: _m  # stays in eval mode
+
+
 def _gradients_at_first_steps(case: Case, name: str, micro_batch_size: int, run_dir: Path
                               ) -> tuple[dict[str, torch.Tensor], int]:
     trainer = small_trainer(trainer_recipe(name, case.create().config, iterations=1,
                                            micro_batch_size=micro_batch_size), run_dir)
+    # the fakes of a micro-batch must not depend on the split: G's BatchNorm (per micro-batch
+    # statistics in training mode) uses its running statistics instead
+    _hold_batch_norm_in_eval_mode(trainer.unwrapped(trainer.G))
     seen: dict[str, torch.Tensor] = {}
     calls = [0]
     try:
@@ -242,16 +254,16 @@ def _gradients_at_first_steps(case: Case, name: str, micro_batch_size: int, run_
             return penalty(context)
 
         reg.penalty = counted
-        for key, opt in trainer.optimizers.items():
-            model = trainer.unwrapped(trainer.models[key])
+        model, opt = trainer.unwrapped(trainer.D), trainer.opt_d
+        original = opt.step
 
-            def step(*args, _key=key, _model=model, _step=opt.step, **kwargs):
-                if not any(k.startswith(_key + ".") for k in seen):
-                    seen.update({f"{_key}.{n}": p.grad.detach().clone()
-                                 for n, p in _model.named_parameters() if p.grad is not None})
-                return _step(*args, **kwargs)
+        def step(*args, **kwargs):
+            if not seen:
+                seen.update({n: p.grad.detach().clone() for n, p in model.named_parameters()
+                             if p.grad is not None})
+            return original(*args, **kwargs)
 
-            opt.step = step
+        opt.step = step
         trainer.train_iteration()
     finally:
         trainer.log.close()
@@ -260,23 +272,25 @@ def _gradients_at_first_steps(case: Case, name: str, micro_batch_size: int, run_
 
 @conformance_check("regularizers", covers=("penalty", "needs", "penalty_every"))
 def check_regularizer_penalty_micro_batches_equal_one_batch(case: Case) -> None:
-    """In the real Trainer, the first D and G steps of a batch of 8 in 2 micro-batches of 4 see
-    the gradients of one micro-batch of 8 (float32 rounding aside): a penalty is a mean over its
+    """In the real Trainer, the first D step of a batch of 8 in 2 micro-batches of 4 sees the
+    gradients of one micro-batch of 8 (float32 rounding aside): a penalty is a mean over its
     micro-batch, scaled by 1/k like the loss, its random draws (if any) fixed by each sample's
-    place in the global batch, not by the micro-batch."""
+    place in the global batch, not by the micro-batch. (G's BatchNorm, whose training-mode
+    statistics are per micro-batch, is held in eval mode for the check, so that the fakes do
+    not depend on the split either.)"""
     with registered(case.cls) as name, tempfile.TemporaryDirectory() as tmp:
         one, calls_one = _gradients_at_first_steps(case, name, 0, Path(tmp) / "one")
         two, calls_two = _gradients_at_first_steps(case, name, 4, Path(tmp) / "two")
     if (calls_one, calls_two) != (1, 2):  # the first D step (step 0) is always due
         fail(case, f"the Trainer called penalty {calls_one} time(s) with 1 micro-batch and "
-                   f"{calls_two} with 2 in one iteration of one D step (expected 1 and 2)")
+                   f"{calls_two} with 2 in its first D step (expected 1 and 2)")
     if one.keys() != two.keys():
         fail(case, f"different parameters got gradients: {sorted(set(one) ^ set(two))[:5]}")
     names = sorted(one)
     diff = _close([one[n] for n in names], [two[n] for n in names], names)
     if diff:
-        fail(case, f"gradients of the first steps differ between 1 micro-batch of 8 and 2 of 4: "
-                   f"{diff[:4]}")
+        fail(case, f"D's gradients in the first step differ between 1 micro-batch of 8 and 2 of "
+                   f"4: {diff[:4]}")
 
 
 @conformance_check("regularizers", covers=("penalty", "needs", "penalty_every", "after_step"),
@@ -290,7 +304,7 @@ def check_regularizer_ddp_matches_one_process(case: Case) -> None:
     _, ddp_state = ddp_run(case)
     reg, D = regularized(case, seed=SEED)
     D = D.double()
-    opt = torch.optim.SGD(D.parameters(), lr=0.05)
+    opt = kit_optimizer(D)
     torch.manual_seed(SEED)
     data = [rank_batches(rank) for rank in range(WORLD)]
     for it in range(STEPS):

@@ -24,10 +24,10 @@ from core.layers import LAYER_TYPES, frozen_state, raw_weight, weight_layers
 from core.testing.ddp import ddp_run
 from core.testing.kit import (SEED, Case, conformance_check, differences, fail,
                               registered, small_architecture, small_discriminator, state_of)
-from core.testing.steps import (checked_every, checked_penalty, discriminator_context,
-                                d_regularizers, generator_context, objective, optimizer_step,
-                                random_images, regularized, small_trainer, trainer_recipe,
-                                trainer_state)
+from core.testing.steps import (checked_every, checked_penalty, d_regularizers,
+                                discriminator_context, generator_context, kit_optimizer,
+                                objective, optimizer_step, random_images, regularized,
+                                small_trainer, trainer_recipe, trainer_state)
 
 
 @conformance_check("regularizers", covers=("apply", "penalty", "loss_term", "after_step"))
@@ -129,7 +129,7 @@ def check_regularizer_state_dict_round_trip(case: Case) -> None:
 
     reg1, D1 = regularized(case, seed=SEED)
     rng = torch.Generator().manual_seed(SEED)
-    opt1 = torch.optim.SGD(D1.parameters(), lr=0.05)
+    opt1 = kit_optimizer(D1)
     for it in range(2):
         optimizer_step(case, reg1, D1, opt1, [random_images(4, rng)], it)
     state = D1.state_dict()
@@ -155,8 +155,8 @@ def check_regularizer_state_dict_round_trip(case: Case) -> None:
             fail(case, "eval outputs differ after loading the state_dict")
     D1.train(), D2.train()
     batch = [random_images(4, rng)]
-    optimizer_step(case, reg1, D1, torch.optim.SGD(D1.parameters(), lr=0.05), batch, 2)
-    optimizer_step(case, reg2, D2, torch.optim.SGD(D2.parameters(), lr=0.05), batch, 2)
+    optimizer_step(case, reg1, D1, kit_optimizer(D1), batch, 2)
+    optimizer_step(case, reg2, D2, kit_optimizer(D2), batch, 2)
     diff = differences(state_of(D1), state_of(D2))
     if diff:
         fail(case, f"the next training step differs between the original and the reloaded D "
@@ -244,7 +244,7 @@ def check_regularizer_acts_once_per_optimizer_step(case: Case) -> None:
     for k in (1, 2):
         reg, D = regularized(case)
         D = D.double()
-        opt = torch.optim.SGD(D.parameters(), lr=0.05)
+        opt = kit_optimizer(D)
         rng = torch.Generator().manual_seed(SEED)
         grads = {}
         for it in range(2):
@@ -310,7 +310,7 @@ def check_regularizer_deterministic_under_seed(case: Case) -> None:
     for _ in range(2):
         reg, D = regularized(case, seed=SEED)
         rng = torch.Generator().manual_seed(SEED)
-        opt = torch.optim.SGD(D.parameters(), lr=0.05)
+        opt = kit_optimizer(D)
         for it in range(2):
             optimizer_step(case, reg, D, opt, [random_images(4, rng), random_images(4, rng)], it)
         D.eval()

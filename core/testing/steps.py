@@ -47,6 +47,13 @@ def small_generator(num_classes: int = 4) -> nn.Module:
     return _GENERATORS[num_classes]
 
 
+def kit_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    """The checks' optimizer: Adam with SN-GAN's betas (0, 0.9) and lr 1e-3, whose steps stay
+    about lr per parameter however large a penalty's gradient is (an SGD step after a gradient
+    penalty on an unnormalized D diverges)."""
+    return torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.0, 0.9))
+
+
 def checked_penalty(case: Case, reg: Regularizer, context: StepContext) -> torch.Tensor | None:
     """``reg.penalty(context)``, checked: None or a finite scalar tensor."""
     term = reg.penalty(context)

@@ -28,7 +28,7 @@ from torch import nn
 
 from core.hookspecs import hookimpl
 from core.interfaces import Architecture
-from plugins.architectures.validation import ArchitectureConfigError, check_choice, check_positive
+from core.validators import one_of, positive_int, satisfies
 
 __all__ = ["CNNGenerator", "CNNDiscriminator", "StandardCNN", "RESOLUTIONS"]
 
@@ -101,22 +101,14 @@ class StandardCNN(Architecture):
     @attrs.define
     class Config:
         #: image size: 32 (CIFAR-10), 48 (STL-10) or 64 (CelebA).
-        resolution: int = 32
-        z_dim: int = 128
+        resolution: int = attrs.field(default=32, validator=one_of(RESOLUTIONS))
+        z_dim: int = attrs.field(default=128, validator=positive_int)
         #: discriminator base width (convolutions ch, ch, 2ch, 2ch, 4ch, 4ch, 8ch).
-        ch: int = 64
+        ch: int = attrs.field(default=64, validator=positive_int)
         #: generator width after the linear layer (then g/2, g/4, g/8); a multiple of 8.
-        g_ch: int = 512
-
-    def __init__(self, config=None, name: str | None = None) -> None:
-        super().__init__(config, name)
-        arch = self.name
-        check_choice(arch, "resolution", self.config.resolution, RESOLUTIONS)
-        check_positive(arch, self.config, ("z_dim", "ch", "g_ch"))
-        if self.config.g_ch % 8:
-            raise ArchitectureConfigError(
-                f"architecture '{arch}': g_ch must be a multiple of 8 (the generator halves it "
-                f"three times), got {self.config.g_ch}")
+        g_ch: int = attrs.field(default=512, validator=[positive_int, satisfies(
+            lambda g: g % 8 == 0, "must be a multiple of 8 (the generator halves it three "
+            "times)")])
 
     @property
     def resolution(self) -> int:

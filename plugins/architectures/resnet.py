@@ -35,8 +35,7 @@ from core.hookspecs import hookimpl
 from core.interfaces import Architecture
 from plugins.architectures.blocks import (CHAINER_BN_EPS, DBlock, GBlock, OptimizedDBlock,
                                           xavier_init)
-from plugins.architectures.validation import (ArchitectureConfigError, check_choice,
-                                              check_nonnegative, check_positive)
+from core.validators import nonnegative_int, number_in, one_of, positive_int
 
 __all__ = ["ResNetGenerator", "ResNetDiscriminator", "ResNet32", "ResNet128"]
 
@@ -124,17 +123,12 @@ class ResNetDiscriminator(nn.Module):
         return out
 
 
-class _ResNet(Architecture):
-    """Shared by the two ResNets: Config checks and the interface properties."""
+#: the check of ``bn_eps``: a batch-normalization epsilon in (0, 1).
+bn_eps_check = number_in(0, 1, low_open=True, high_open=True)
 
-    def __init__(self, config=None, name: str | None = None) -> None:
-        super().__init__(config, name)
-        check_positive(self.name, self.config, ("ch", "g_ch", "z_dim"))
-        check_nonnegative(self.name, self.config, ("num_classes",))
-        eps = self.config.bn_eps
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
-            raise ArchitectureConfigError(
-                f"architecture '{self.name}': bn_eps must be a number in (0, 1), got {eps!r}")
+
+class _ResNet(Architecture):
+    """Shared by the two ResNets: the interface properties (their Configs check themselves)."""
 
     @property
     def z_dim(self) -> int:
@@ -154,14 +148,14 @@ class ResNet32(_ResNet):
     @attrs.define
     class Config:
         #: discriminator width, the SR paper's CH (Table I: 32, 64, 128, 256).
-        ch: int = 128
+        ch: int = attrs.field(default=128, validator=positive_int)
         #: generator width.
-        g_ch: int = 256
-        z_dim: int = 128
+        g_ch: int = attrs.field(default=256, validator=positive_int)
+        z_dim: int = attrs.field(default=128, validator=positive_int)
         #: 0 = unconditional.
-        num_classes: int = 0
+        num_classes: int = attrs.field(default=0, validator=nonnegative_int)
         #: the generator's batch-normalization epsilon (the Chainer code's default, 2e-5).
-        bn_eps: float = CHAINER_BN_EPS
+        bn_eps: float = attrs.field(default=CHAINER_BN_EPS, validator=bn_eps_check)
 
     @property
     def resolution(self) -> int:
@@ -196,21 +190,17 @@ class ResNet128(_ResNet):
     @attrs.define
     class Config:
         #: discriminator width (the paper's ch = 64).
-        ch: int = 64
+        ch: int = attrs.field(default=64, validator=positive_int)
         #: generator width.
-        g_ch: int = 64
-        z_dim: int = 128
+        g_ch: int = attrs.field(default=64, validator=positive_int)
+        z_dim: int = attrs.field(default=128, validator=positive_int)
         #: ImageNet's 1000 classes; 0 = unconditional.
-        num_classes: int = 1000
+        num_classes: int = attrs.field(default=1000, validator=nonnegative_int)
         #: discriminator blocks: "sngan" (SN-GAN / SR, 17 convs) or "bsn" (BSSN authors', 18).
-        block: str = "sngan"
+        block: str = attrs.field(default="sngan", validator=one_of(D_BLOCKS))
         #: the generator's batch-normalization epsilon (the Chainer code's default, 2e-5; the
         #: BSSN authors' TensorFlow code uses 1e-5).
-        bn_eps: float = CHAINER_BN_EPS
-
-    def __init__(self, config=None, name: str | None = None) -> None:
-        super().__init__(config, name)
-        check_choice(self.name, "block", self.config.block, D_BLOCKS)
+        bn_eps: float = attrs.field(default=CHAINER_BN_EPS, validator=bn_eps_check)
 
     @property
     def resolution(self) -> int:

@@ -62,15 +62,33 @@ from core.spectral.measure import LayerInfo, measure_layer, monitored_layers, re
     summarize
 from core.spectral.store import FILENAME, SpectraFile, make_record
 from core.spectral.switch import switch_discriminator_regularizer
+from core.validators import (ConfigValueError, fail, nonnegative_int, number_in, one_of,
+                             positive_int)
 
 __all__ = ["SpectralMonitor", "SpectralSection", "ACTIONS", "watched", "switch_seed"]
 
 ACTIONS = ("warn", "checkpoint", "switch")
 
 
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
+def _switch_to_registered(config: Any, attribute: attrs.Attribute, name: Any) -> None:
+    """With ``action = "switch"``: ``switch_to`` is an installed regularizer (checked when the
+    recipe is loaded, not at the alarm)."""
+    if config.action != "switch":
+        return
+    try:
+        get_registry().regularizers[name]
+    except UnknownPluginError as exc:
+        fail(config, attribute, f"must name an installed regularizer: {exc}")
+
+
+def _switch_config_fits(config: Any, attribute: attrs.Attribute, table: Any) -> None:
+    """With ``action = "switch"``: ``switch_config`` is a valid Config of ``switch_to``."""
+    if config.action != "switch" or config.switch_to not in get_registry().regularizers:
+        return  # an unknown switch_to is reported at switch_to
+    try:
+        _regularizer_config(config.switch_to, table)
+    except ValueError as exc:
+        fail(config, attribute, str(exc).removeprefix("switch_config "))
 
 
 def watched(info: LayerInfo, config: "SpectralMonitor.Config") -> bool:
@@ -106,24 +124,26 @@ class SpectralMonitor(Callback):
 
         #: record the discriminator's spectra every this many iterations (and at iteration 0);
         #: 0 = off (a regularizer switch made earlier in the run is still replayed on resume).
-        every: int = 500
+        every: int = attrs.field(default=500, validator=nonnegative_int)
         #: collapse: a layer's spectral mass (mean of s_j/s1) falls below this fraction of its
-        #: running maximum.
-        mass_drop: float = 0.5
+        #: running maximum; in (0, 1).
+        mass_drop: float = attrs.field(default=0.5, validator=number_in(0, 1, low_open=True,
+                                                                         high_open=True))
         #: raise the alarm when at least this many (non-ignored) layers are collapsed at once.
-        min_layers: int = 1
+        min_layers: int = attrs.field(default=1, validator=positive_int)
         #: records before this iteration neither raise the alarm nor enter the running maximum
         #: (the spectrum of the random initialization is not a trained level to fall from).
-        warmup: int = 0
+        warmup: int = attrs.field(default=0, validator=nonnegative_int)
         #: what a raised alarm does besides the warning line and the ``alarm`` log entry:
         #: "warn" nothing more; "checkpoint" saves ``checkpoints/alarm_<iteration>``; "switch"
         #: continues training with the ``switch_to`` regularizer from this iteration on (once).
-        action: Literal["warn", "checkpoint", "switch"] = "warn"
+        action: Literal["warn", "checkpoint", "switch"] = attrs.field(default="warn",
+                                                                      validator=one_of(ACTIONS))
         #: the discriminator regularizer that ``action = "switch"`` continues with (SR-d: the
         #: paper's rescue, Sec. IV-B, resuming SN-GAN from 40k iterations with SR-d).
-        switch_to: str = "sr_dynamic"
+        switch_to: str = attrs.field(default="sr_dynamic", validator=_switch_to_registered)
         #: that regularizer's Config keys, as in a ``[discriminator.regularizer]`` table.
-        switch_config: dict[str, Any] = attrs.Factory(dict)
+        switch_config: dict[str, Any] = attrs.field(factory=dict, validator=_switch_config_fits)
         #: leave 1x1 convolutions (the ResNets' shortcuts) out of the alarm; they are still
         #: recorded.
         ignore_1x1: bool = True
@@ -132,17 +152,6 @@ class SpectralMonitor(Callback):
         ignore: list[str] = attrs.Factory(list)
         #: draw the figures into ``RUN/plots/`` at the end of the run (when recording).
         plots: bool = True
-
-        def __attrs_post_init__(self) -> None:
-            _check(self.every >= 0, f"every must be >= 0 (0 = off), got {self.every}")
-            _check(0.0 < self.mass_drop < 1.0,
-                   f"mass_drop must lie strictly between 0 and 1, got {self.mass_drop}")
-            _check(self.min_layers >= 1, f"min_layers must be >= 1, got {self.min_layers}")
-            _check(self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}")
-            _check(self.action in ACTIONS, f"action must be one of "
-                   f"{', '.join(repr(a) for a in ACTIONS)}, got {self.action!r}")
-            if self.action == "switch":
-                self.switch_regularizer_config()  # fail at recipe load, not at the alarm
 
         def switch_regularizer_config(self) -> Any:
             """The ``switch_to`` regularizer's structured Config; ValueError naming what is
@@ -338,6 +347,13 @@ class SpectralMonitor(Callback):
                  f"{s['to']}, reloaded from {Path(trainer.last_checkpoint).name}")
 
 
+def _reason(exc: BaseException, type_: Any) -> str:
+    """A structuring problem of ``switch_config`` as cattrs words it, a validator's as it does."""
+    if isinstance(exc, ConfigValueError):
+        return exc.reason
+    return cattrs.v.format_exception(exc, type_)
+
+
 def _regularizer_config(name: str, table: dict[str, Any]) -> Any:
     """Regularizer ``name``'s structured Config from ``table``; ValueError naming what is wrong."""
     try:
@@ -347,10 +363,10 @@ def _regularizer_config(name: str, table: dict[str, Any]) -> Any:
     try:
         return converter.structure(dict(table), cls.Config)
     except Exception as exc:  # noqa: BLE001 - every problem becomes one line
-        lines = cattrs.transform_error(exc, path="switch_config") \
+        lines = cattrs.transform_error(exc, path="switch_config", format_exception=_reason) \
             if isinstance(exc, cattrs.BaseValidationError) else [str(exc)]
         valid = ", ".join(f.name for f in attrs.fields(cls.Config)) or "none"
-        raise ValueError(f"switch_config (the Config of regularizer '{name}'): "
+        raise ValueError(f"switch_config does not fit regularizer '{name}': "
                          + "; ".join(lines) + f"; valid keys: {valid}") from None
 
 

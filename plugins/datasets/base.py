@@ -45,7 +45,13 @@ from core.errors import SpecregError
 from core.interfaces import Dataset
 from core.prepared import (PreparedFiles, PreparedImages, PreparedMismatchError, check_protocol,
                            to_float, write_prepared)
+from core.validators import one_of, positive_int
 from plugins.datasets.pixels import DEFAULT_FILTER, RESIZE_FILTERS, square_crop_resize
+
+#: the checks of the image datasets' shared Config keys (core.validators): a recipe names the
+#: file and the key of a bad value (``dataset.resolution``, ``dataset.resize_filter``).
+resolution_check = positive_int
+resize_filter_check = one_of(RESIZE_FILTERS)
 
 
 def unconditional(target: Any) -> int:
@@ -113,9 +119,9 @@ class ImageDataset(Dataset):
 
     @attrs.define
     class Config:
-        resolution: int = 32
+        resolution: int = attrs.field(default=32, validator=resolution_check)
         #: how images are resized: "bicubic", "bilinear" or "cv2-linear" (plugins.datasets.pixels).
-        resize_filter: str = "bicubic"
+        resize_filter: str = attrs.field(default="bicubic", validator=resize_filter_check)
         #: feed D x/128 - 1 + U(0, 1/128) instead of x/127.5 - 1 (the SN-GAN/SR Chainer loaders).
         dequantize: bool = False
         #: read ``prepared_<split>_<R>.npy`` when ``python -m core.prepare`` has written it.

@@ -29,7 +29,9 @@ import torch
 
 from core.errors import DataMissingError, SpecregError
 from core.hookspecs import hookimpl
-from plugins.datasets.base import ImageDataset, ResizedSource, unconditional
+from core.validators import positive_int
+from plugins.datasets.base import (ImageDataset, ResizedSource, resize_filter_check,
+                                   resolution_check, unconditional)
 
 URL = "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html"
 IMAGES = "img_align_celeba"
@@ -62,12 +64,12 @@ class CelebA(ImageDataset):
 
     @attrs.define
     class Config:
-        resolution: int = 64
+        resolution: int = attrs.field(default=64, validator=resolution_check)
         #: side of the center square cut from each 178x218 image before resizing.
-        crop: int = 128
+        crop: int = attrs.field(default=128, validator=positive_int)
         #: how images are resized: "bicubic" (PIL, our default), "bilinear" (PIL; SN-GAN/SR
         #: ImageNet code) or "cv2-linear" (cv2.resize; BSSN code). See plugins.datasets.pixels.
-        resize_filter: str = "bicubic"
+        resize_filter: str = attrs.field(default="bicubic", validator=resize_filter_check)
         #: feed D x/128 - 1 + U(0, 1/128) (the SN-GAN/SR Chainer loaders) instead of x/127.5 - 1.
         dequantize: bool = False
         #: read ``prepared_<split>_<R>.npy`` when ``python -m core.prepare`` has written it.

@@ -24,7 +24,8 @@ import attrs
 
 from core.hookspecs import hookimpl
 from plugins.datasets.archives import open_archive_dataset
-from plugins.datasets.base import ImageDataset, ResizedSource
+from plugins.datasets.base import (ImageDataset, ResizedSource, resize_filter_check,
+                                   resolution_check)
 
 
 class Cifar10(ImageDataset):
@@ -38,12 +39,12 @@ class Cifar10(ImageDataset):
         #: download with torchvision when the files are missing.
         download: bool = True
         #: 32 is the native size; any other value resizes (with ``resize_filter``).
-        resolution: int = 32
+        resolution: int = attrs.field(default=32, validator=resolution_check)
         #: report 10 classes (class-conditional training) instead of 0.
         conditional: bool = False
         #: how images are resized: "bicubic" (PIL, our default), "bilinear" (PIL; SN-GAN/SR
         #: ImageNet code) or "cv2-linear" (cv2.resize; BSSN code). See plugins.datasets.pixels.
-        resize_filter: str = "bicubic"
+        resize_filter: str = attrs.field(default="bicubic", validator=resize_filter_check)
         #: feed D x/128 - 1 + U(0, 1/128) (the SN-GAN/SR Chainer loaders) instead of x/127.5 - 1.
         dequantize: bool = False
         #: read ``prepared_<split>_<R>.npy`` when ``python -m core.prepare`` has written it.

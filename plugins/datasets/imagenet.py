@@ -27,7 +27,9 @@ import attrs
 
 from core.errors import DataMissingError, SpecregError
 from core.hookspecs import hookimpl
-from plugins.datasets.base import ImageDataset, ResizedSource
+from core.validators import nonnegative_int
+from plugins.datasets.base import (ImageDataset, ResizedSource, resize_filter_check,
+                                   resolution_check)
 
 URL = "https://image-net.org/download-images.php"
 
@@ -40,12 +42,12 @@ class ImageNet(ImageDataset):
 
     @attrs.define
     class Config:
-        resolution: int = 128
+        resolution: int = attrs.field(default=128, validator=resolution_check)
         #: the number of class folders expected (0: train unconditionally, any number of classes).
-        num_classes: int = 1000
+        num_classes: int = attrs.field(default=1000, validator=nonnegative_int)
         #: how images are resized: "bicubic" (PIL, our default), "bilinear" (PIL; SN-GAN/SR
         #: ImageNet code) or "cv2-linear" (cv2.resize; BSSN code). See plugins.datasets.pixels.
-        resize_filter: str = "bicubic"
+        resize_filter: str = attrs.field(default="bicubic", validator=resize_filter_check)
         #: feed D x/128 - 1 + U(0, 1/128) (the SN-GAN/SR Chainer loaders) instead of x/127.5 - 1.
         dequantize: bool = False
         #: read ``prepared_<split>_<R>.npy`` when ``python -m core.prepare`` has written it.

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from core.hookspecs import hookimpl
 from core.interfaces import Dataset
+from core.validators import int_in, positive_int
 
 #: upscaling factor from the 8x8 digits to the 32x32 images.
 UPSCALE = 4
@@ -84,9 +85,9 @@ class StackedDigits(Dataset):
     @attrs.define
     class Config:
         #: images in the training split (the test split has a fifth of this).
-        num_samples: int = 50_000
+        num_samples: int = attrs.field(default=50_000, validator=positive_int)
         #: which digits are stacked into which image.
-        seed: int = 0
+        seed: int = attrs.field(default=0, validator=int_in(0, 2**32 - 1))
 
     @property
     def resolution(self) -> int:

@@ -27,7 +27,9 @@ import attrs
 from core.errors import SpecregError
 from core.hookspecs import hookimpl
 from plugins.datasets.archives import open_archive_dataset
-from plugins.datasets.base import ImageDataset, ResizedSource, unconditional
+from core.validators import one_of
+from plugins.datasets.base import (ImageDataset, ResizedSource, resize_filter_check,
+                                   resolution_check, unconditional)
 
 _SOURCE_SPLITS = ("unlabeled", "train+unlabeled", "train")
 
@@ -43,12 +45,12 @@ class Stl10(ImageDataset):
         #: download with torchvision when the files are missing.
         download: bool = True
         #: 32 (SR paper) or 48 (Lin et al. 2021).
-        resolution: int = 32
+        resolution: int = attrs.field(default=32, validator=resolution_check)
         #: which of torchvision's splits is our ``train``: unlabeled, train+unlabeled, train.
-        source_split: str = "unlabeled"
+        source_split: str = attrs.field(default="unlabeled", validator=one_of(_SOURCE_SPLITS))
         #: how images are resized: "bicubic" (PIL, our default), "bilinear" (PIL; SN-GAN/SR
         #: ImageNet code) or "cv2-linear" (cv2.resize; BSSN code). See plugins.datasets.pixels.
-        resize_filter: str = "bicubic"
+        resize_filter: str = attrs.field(default="bicubic", validator=resize_filter_check)
         #: feed D x/128 - 1 + U(0, 1/128) (the SN-GAN/SR Chainer loaders) instead of x/127.5 - 1.
         dequantize: bool = False
         #: read ``prepared_<split>_<R>.npy`` when ``python -m core.prepare`` has written it.

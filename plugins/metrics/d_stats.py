@@ -27,10 +27,11 @@ import numpy as np
 import torch
 
 from core.errors import SpecregError
-from core.eval.runner import progress, require_samples
+from core.eval.runner import progress
 from core.hookspecs import hookimpl
 from core.interfaces import EvaluationContext, Metric, MetricResult
 from core.layers import frozen_state
+from core.validators import positive_int
 from plugins.metrics.reference import real_images
 
 __all__ = ["DStats", "generate_with_labels"]
@@ -53,15 +54,14 @@ class DStats(Metric):
 
     higher_is_better = False
     primary = "d_gap"
+    #: the scores it reports: mean and variance of each set's outputs and of the loss, the gap.
+    value_keys = tuple(f"{n}_{s}" for n in ("d_train", "d_test", "d_gen", "loss_d")
+                       for s in ("mean", "var")) + ("d_gap",)
 
     @attrs.define
     class Config:
         #: images per set (train, test, generated); real splits are capped at their size.
-        num_samples: int = 10_000
-
-    def __init__(self, config=None, name: str | None = None) -> None:
-        super().__init__(config, name)
-        require_samples("d_stats", self.config.num_samples, 1)
+        num_samples: int = attrs.field(default=10_000, validator=positive_int)
 
     @torch.no_grad()
     def _outputs_real(self, context: EvaluationContext, discriminator: torch.nn.Module,

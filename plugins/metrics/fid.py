@@ -23,11 +23,11 @@ from __future__ import annotations
 import attrs
 import numpy as np
 
-from core.eval.runner import plain, require_samples
+from core.eval.runner import plain
 from core.hookspecs import hookimpl
 from core.interfaces import EvaluationContext, Metric, MetricResult
-from plugins.metrics.inception import (InceptionSettings, check_mode, generated_features,
-                                       inception_extractor)
+from core.validators import int_at_least, nonnegative_int
+from plugins.metrics.inception import InceptionSettings, generated_features, inception_extractor
 from plugins.metrics.protocols import comparisons, score_settings
 from plugins.metrics.reference import (Statistics, dataset_statistics, feature_statistics,
                                        published_statistics)
@@ -53,24 +53,20 @@ class Fid(Metric):
 
     higher_is_better = False
     primary = "fid"
+    value_keys = ("fid",)
 
     @attrs.define
     class Config(InceptionSettings):
         #: generated samples (50k for final numbers, SPEC §5).
-        num_samples: int = 50_000
+        num_samples: int = attrs.field(default=50_000, validator=int_at_least(2, "a covariance"))
         #: the dataset split the reference statistics come from.
         reference_split: str = "train"
         #: real images in the reference statistics (0 = the whole split).
-        reference_samples: int = 0
+        reference_samples: int = attrs.field(default=0, validator=nonnegative_int)
         #: clean-fid published statistics by name (e.g. "cifar10"); empty = our dataset plugin.
         reference_stats: str = ""
         #: resolution of the published statistics (0 = the dataset's resolution).
-        reference_resolution: int = 0
-
-    def __init__(self, config=None, name: str | None = None) -> None:
-        super().__init__(config, name)
-        check_mode(self.config.mode)
-        require_samples("fid", self.config.num_samples, 2)
+        reference_resolution: int = attrs.field(default=0, validator=nonnegative_int)
 
     def reference(self, context: EvaluationContext, extractor) -> Statistics:
         cfg = self.config

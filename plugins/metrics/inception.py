@@ -44,6 +44,7 @@ from torch import nn
 from core.errors import SpecregError, WeightsMissingError
 from core.eval.runner import progress
 from core.interfaces import EvaluationContext
+from core.validators import one_of
 
 __all__ = ["InceptionSettings", "InceptionExtractor", "inception_extractor", "resolve_weights",
            "ensure_weights", "file_sha256", "generated_features", "MODES", "WEIGHTS_ENV",
@@ -72,7 +73,7 @@ class InceptionSettings:
     """Recipe keys shared by the Inception metrics (``fid``, ``is``)."""
 
     #: clean-fid resize mode: "clean" (default) or "legacy_tensorflow" (to compare with old papers).
-    mode: str = "clean"
+    mode: str = attrs.field(default="clean", validator=one_of(MODES))
     #: the TorchScript weights file; empty = $SPECREG_INCEPTION_WEIGHTS, then
     #: <data_root>/.cache/inception/inception-2015-12-05.pt.
     inception_weights: str = ""

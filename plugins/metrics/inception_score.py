@@ -19,12 +19,11 @@ from __future__ import annotations
 import attrs
 import numpy as np
 
-from core.errors import SpecregError
 from core.eval.runner import plain
 from core.hookspecs import hookimpl
 from core.interfaces import EvaluationContext, Metric, MetricResult
-from plugins.metrics.inception import (InceptionSettings, check_mode, generated_features,
-                                       inception_extractor)
+from core.validators import fail, positive_int
+from plugins.metrics.inception import InceptionSettings, generated_features, inception_extractor
 from plugins.metrics.protocols import comparisons, score_settings
 
 __all__ = ["InceptionScore", "inception_score"]
@@ -49,25 +48,26 @@ def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]
     return float(np.mean(scores)), float(np.std(scores))
 
 
+def _at_most_num_samples(config, attribute, splits: int) -> None:
+    samples = config.num_samples
+    if isinstance(samples, int) and samples >= 1 and splits > samples:
+        fail(config, attribute, f"must be <= num_samples ({samples}), got {splits}",
+             related=[("num_samples",)])
+
+
 class InceptionScore(Metric):
     """Inception Score of generated samples (higher is better)."""
 
     higher_is_better = True
     primary = "is"
+    value_keys = ("is", "is_std")
 
     @attrs.define
     class Config(InceptionSettings):
         #: generated samples (SPEC §5: 50k).
-        num_samples: int = 50_000
-        #: slices the score is averaged over (SPEC §5: 10).
-        splits: int = 10
-
-    def __init__(self, config=None, name: str | None = None) -> None:
-        super().__init__(config, name)
-        check_mode(self.config.mode)
-        if not 1 <= self.config.splits <= self.config.num_samples:
-            raise SpecregError(f"is needs 1 <= splits <= num_samples, got splits = "
-                               f"{self.config.splits}, num_samples = {self.config.num_samples}")
+        num_samples: int = attrs.field(default=50_000, validator=positive_int)
+        #: slices the score is averaged over (SPEC §5: 10); at most ``num_samples``.
+        splits: int = attrs.field(default=10, validator=[positive_int, _at_most_num_samples])
 
     def compute(self, context: EvaluationContext) -> MetricResult:
         cfg = self.config

@@ -8,7 +8,10 @@ channels are accepted; its mode is ``100 * d_R + 10 * d_G + d_B``.
 
 - ``modes``: ``modes`` = distinct modes among accepted samples (of 1000), ``kl`` =
   KL(histogram of accepted samples' modes || uniform over 1000), ``rejected`` = share of samples
-  with a rejected channel. ``kl`` is NaN when every sample is rejected.
+  with a rejected channel. When every sample is rejected the histogram is empty and the KL is
+  undefined; ``kl`` is then ``inf``: worse than any defined value (which is at most
+  log 1000 = 6.91, all mass on one mode), rather than a NaN that compares false with
+  everything; ``eval.best = "modes.kl"`` never picks it.
 - ``digits_fid``: the Fréchet distance (clean-fid's ``frechet_distance``) between generated and
   real stacked digits in the classifier's feature space (three channels' 64-d features side by
   side); the real statistics come from the dataset plugin's split, cached like FID's.
@@ -27,9 +30,10 @@ import math
 import attrs
 import numpy as np
 
-from core.eval.runner import progress, require_samples
+from core.eval.runner import progress
 from core.hookspecs import hookimpl
 from core.interfaces import EvaluationContext, Metric, MetricResult
+from core.validators import int_at_least, nonnegative_int, positive_int
 from plugins.datasets.stacked_digits import NUM_MODES
 from plugins.metrics.digit_classifier import load_digit_classifier
 from plugins.metrics.fid import fid_from_statistics
@@ -50,8 +54,8 @@ def mode_coverage(digits: np.ndarray, accepted: np.ndarray,
     if total > 0:
         p = counts[counts > 0] / total
         kl = float(np.sum(p * np.log(p * num_modes)))
-    else:
-        kl = math.nan
+    else:  # nothing accepted: the worst score (see the module docstring)
+        kl = math.inf
     return {"modes": float(np.count_nonzero(counts)), "kl": kl,
             "rejected": float(1.0 - keep.mean()) if len(keep) else math.nan}
 
@@ -61,15 +65,13 @@ class Modes(Metric):
 
     higher_is_better = True
     primary = "modes"
+    #: the scores it reports (``eval.best = "modes.modes"``).
+    value_keys = ("modes", "kl", "rejected")
 
     @attrs.define
     class Config:
         #: generated samples classified.
-        num_samples: int = 10_000
-
-    def __init__(self, config=None, name: str | None = None) -> None:
-        super().__init__(config, name)
-        require_samples("modes", self.config.num_samples, 1)
+        num_samples: int = attrs.field(default=10_000, validator=positive_int)
 
     def compute(self, context: EvaluationContext) -> MetricResult:
         n = self.config.num_samples
@@ -95,19 +97,16 @@ class DigitsFid(Metric):
 
     higher_is_better = False
     primary = "digits_fid"
+    value_keys = ("digits_fid",)
 
     @attrs.define
     class Config:
         #: generated samples.
-        num_samples: int = 10_000
+        num_samples: int = attrs.field(default=10_000, validator=int_at_least(2, "a covariance"))
         #: the dataset split the real statistics come from.
         reference_split: str = "train"
         #: real images in the reference statistics (0 = the whole split).
-        reference_samples: int = 0
-
-    def __init__(self, config=None, name: str | None = None) -> None:
-        super().__init__(config, name)
-        require_samples("digits_fid", self.config.num_samples, 2, "a covariance")
+        reference_samples: int = attrs.field(default=0, validator=nonnegative_int)
 
     def compute(self, context: EvaluationContext) -> MetricResult:
         cfg = self.config

@@ -3,14 +3,14 @@ the power-iteration step, and checks of their Configs.
 
     layers = parametrize_layers(module, lambda layer, w: SpectralNormWeight(w), "sn")
 
-A regularizer's Config checks its values with the attrs validators below; a bad value raises
-:class:`RegularizerConfigError`, a :class:`core.errors.SpecregError` (and a ``ValueError``, so the
-recipe loader reports it next to the key it came from).
+A regularizer's Config checks its values with the shared attrs validators of
+:mod:`core.validators` (the ``check_*`` names below return them, for the Configs written against
+them); a bad value raises :class:`core.validators.ConfigValueError`, which the recipe loader
+reports with the key and the file it came from.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Iterable
 
 import attrs
@@ -21,6 +21,8 @@ from torch.nn.utils import parametrize
 
 from core.errors import SpecregError
 from core.layers import LAYER_TYPES, frozen_state, weight_layers
+from core.validators import (Validator, fail, fraction, nonnegative_int, one_of, positive_int,
+                             positive_number)
 
 __all__ = ["RegularizerConfigError", "parametrize_layers", "power_step", "check_positive_int",
            "check_nonnegative_int", "check_positive_number", "check_fraction", "check_layer_names",
@@ -31,71 +33,47 @@ class RegularizerConfigError(SpecregError, ValueError):
     """A regularizer's Config holds a value it cannot work with."""
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+# Each check_* returns the attrs validator of core.validators for a Config field (``owner``, the
+# regularizer's name, is no longer needed: messages name the registered plugin themselves).
+
+def check_positive_int(owner: str = "") -> Validator:
+    """:func:`core.validators.positive_int`: an integer >= 1."""
+    return positive_int
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def check_nonnegative_int(owner: str = "") -> Validator:
+    """:func:`core.validators.nonnegative_int`: an integer >= 0."""
+    return nonnegative_int
 
 
-def _fail(owner: str, message: str) -> None:
-    raise RegularizerConfigError(f"regularizer '{owner}': {message}")
+def check_positive_number(owner: str = "") -> Validator:
+    """:func:`core.validators.positive_number`: a finite number > 0."""
+    return positive_number
 
 
-# Each check_* returns an attrs validator for a Config field; ``owner`` is the regularizer's name.
-
-def check_positive_int(owner: str) -> Callable[[Any, attrs.Attribute, Any], None]:
-    def check(_instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if not (_is_int(value) and value >= 1):
-            _fail(owner, f"{attribute.name} must be an integer >= 1, got {value!r}")
-    return check
+def check_fraction(owner: str = "") -> Validator:
+    """:data:`core.validators.fraction`: a number in (0, 1]."""
+    return fraction
 
 
-def check_nonnegative_int(owner: str) -> Callable[[Any, attrs.Attribute, Any], None]:
-    def check(_instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if not (_is_int(value) and value >= 0):
-            _fail(owner, f"{attribute.name} must be an integer >= 0, got {value!r}")
-    return check
+def check_choice(owner: str, choices: Iterable[Any]) -> Validator:
+    """:func:`core.validators.one_of`."""
+    return one_of(choices)
 
 
-def check_positive_number(owner: str) -> Callable[[Any, attrs.Attribute, Any], None]:
-    def check(_instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if not (_is_number(value) and 0 < value < math.inf):
-            _fail(owner, f"{attribute.name} must be a positive number, got {value!r}")
-    return check
-
-
-def check_fraction(owner: str) -> Callable[[Any, attrs.Attribute, Any], None]:
-    def check(_instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if not (_is_number(value) and 0 < value <= 1):
-            _fail(owner, f"{attribute.name} must be a number in (0, 1], got {value!r}")
-    return check
-
-
-def check_choice(owner: str, choices: Iterable[Any]) -> Callable[[Any, attrs.Attribute, Any], None]:
-    choices = tuple(choices)
-
-    def check(_instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if value not in choices:
-            _fail(owner, f"{attribute.name} = {value!r} is not valid; valid values: "
-                  + ", ".join(repr(c) for c in choices))
-    return check
-
-
-def check_layer_names(owner: str) -> Callable[[Any, attrs.Attribute, Any], None]:
+def check_layer_names(owner: str = "") -> Validator:
     """A non-empty list of distinct names from :data:`core.layers.LAYER_TYPES`."""
-    def check(_instance: Any, attribute: attrs.Attribute, names: Any) -> None:
+    def check(instance: Any, attribute: attrs.Attribute, names: Any) -> None:
         valid = ", ".join(repr(n) for n in LAYER_TYPES)
         if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names:
-            _fail(owner, f"{attribute.name} must be a non-empty list of layer types from {valid}, "
-                  f"got {names!r}")
+            fail(instance, attribute, f"must be a non-empty list of layer types from {valid}, "
+                 f"got {names!r}")
         unknown = [n for n in names if n not in LAYER_TYPES]
         if unknown:
-            _fail(owner, f"unknown layer type(s) {', '.join(repr(n) for n in unknown)} in "
-                  f"{attribute.name}; valid layer types: {valid}")
+            fail(instance, attribute, f"has unknown layer type(s) "
+                 f"{', '.join(repr(n) for n in unknown)}; valid layer types: {valid}")
         if len(set(names)) != len(names):
-            _fail(owner, f"{attribute.name} lists a layer type twice: {list(names)!r}")
+            fail(instance, attribute, f"lists a layer type twice: {list(names)!r}")
     return check
 
 

@@ -1,8 +1,10 @@
-"""specreg-orthogonal: BigGAN's orthogonal regularization as a specreg regularizer plugin.
+"""specreg-orthogonal: BigGAN's orthogonal regularization as a specreg regularizer plugin, and
+the R2 gradient penalty (Mescheder et al. 2018, eq. 10), a penalty that sees the batch.
 
 specreg finds it through the entry point ``orthogonal = "specreg_orthogonal"`` of group
-``specreg`` (see pyproject.toml) and calls the hook below, which registers the regularizer under
-the name ``orthogonal``. A recipe that uses it ships with the package: :func:`recipe_path`.
+``specreg`` (see pyproject.toml) and calls the hook below, which registers the regularizers under
+the names ``orthogonal`` and ``r2``. A recipe that uses orthogonal ships with the package:
+:func:`recipe_path`.
 
     pip install ./examples/specreg-orthogonal
     specreg plugins                                  # lists specreg-orthogonal 0.1.0
@@ -15,8 +17,10 @@ from pathlib import Path
 
 from core.hookspecs import hookimpl
 from specreg_orthogonal.orthogonal import Orthogonal, OrthogonalConfigError, orthogonality
+from specreg_orthogonal.r2 import R2, R2ConfigError
 
-__all__ = ["Orthogonal", "OrthogonalConfigError", "orthogonality", "recipe_path"]
+__all__ = ["Orthogonal", "OrthogonalConfigError", "orthogonality", "R2", "R2ConfigError",
+           "recipe_path"]
 __version__ = "0.1.0"
 
 
@@ -28,3 +32,4 @@ def recipe_path() -> Path:
 @hookimpl
 def register_regularizers(register) -> None:
     register("orthogonal", Orthogonal)
+    register("r2", R2)

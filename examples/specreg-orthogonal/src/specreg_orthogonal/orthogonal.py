@@ -1,4 +1,4 @@
-"""Orthogonal regularization as a loss term: BigGAN (Brock, Donahue & Simonyan 2019, Sec. 3.1, eq. 3).
+"""Orthogonal regularization as a penalty: BigGAN (Brock, Donahue & Simonyan 2019, Sec. 3.1, eq. 3).
 
 For every penalized layer, with ``W = weight.reshape(out, -1)`` (one filter per row, specreg's
 SPEC §1 reshape), BigGAN's variant penalizes the filters' pairwise inner products and leaves
@@ -13,8 +13,10 @@ weights' gradients with ``strength = 1e-4`` (the paper's ``beta``); the paper's 
 is this with ``strength = 2 * beta``.
 
 It reparametrizes nothing: :meth:`Orthogonal.apply` only checks that the network has layers of
-the chosen types, and :meth:`Orthogonal.loss_term` returns the penalty, which specreg's training
-loop adds to that network's loss at every optimizer step. In a recipe::
+the chosen types, and :meth:`Orthogonal.penalty` returns the penalty of the network it is applied
+to (``context.module``; it needs no batch), which specreg's training loop adds to that network's
+loss in every micro-batch, divided by their number like the loss, so that it counts once per
+optimizer step. In a recipe::
 
     [generator.regularizer]
     name = "orthogonal"
@@ -24,6 +26,8 @@ loop adds to that network's loss at every optimizer step. In a recipe::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import attrs
 import torch
 from torch import nn
@@ -31,6 +35,9 @@ from torch import nn
 from core.errors import SpecregError
 from core.interfaces import Regularizer
 from core.layers import LAYER_TYPES, raw_weight, weight_layers, weight_matrix
+
+if TYPE_CHECKING:
+    from core.interfaces import StepContext
 
 __all__ = ["Orthogonal", "OrthogonalConfigError", "orthogonality"]
 
@@ -83,8 +90,14 @@ class Orthogonal(Regularizer):
                 f"{', '.join(self.config.layers)} to penalize")
         return module
 
-    def loss_term(self, module: nn.Module, iteration: int) -> torch.Tensor | None:
-        """``strength / 2 * sum_l R(W_l)`` over the penalized layers' trainable weights."""
+    def penalty(self, context: "StepContext") -> torch.Tensor | None:
+        """``strength / 2 * sum_l R(W_l)`` over the trainable weights of the penalized layers of
+        the network the regularizer is applied to (the same in every micro-batch and phase of
+        that network's steps)."""
+        return self.weight_penalty(context.module)
+
+    def weight_penalty(self, module: nn.Module) -> torch.Tensor | None:
+        """``strength / 2 * sum_l R(W_l)`` for ``module``'s layers (None when strength = 0)."""
         if self.config.strength == 0:
             return None
         terms = [orthogonality(raw_weight(layer), self.config.off_diagonal_only)
