@@ -163,7 +163,7 @@ def test_recipe_loads_and_dry_runs(path):
     recipe = load_recipe(path)  # valid as committed
     overrides = TINY[recipe.architecture.name]
     small = load_recipe(path, overrides)
-    plan = dry_run(small, str(path), processes=1)
+    plan = dry_run(small, str(path), processes=1, check_data=False)  # data: not here
     assert plan.splitlines()[-1].endswith("- OK"), plan
     batch = recipe.train.batch_size
     cap = recipe.train.micro_batch_size
@@ -176,7 +176,7 @@ def test_recipe_loads_and_dry_runs(path):
 
 def test_imagenet_plan_splits_the_global_batch_over_processes():
     recipe = load_recipe(ZOO / "imagenet_E2048-64.toml", TINY["resnet128"])
-    plan = dry_run(recipe, "zoo/imagenet_E2048-64.toml", processes=8)
+    plan = dry_run(recipe, "zoo/imagenet_E2048-64.toml", processes=8, check_data=False)
     # 2048 = 64 per micro-batch x 8 processes x 4 accumulation steps; G draws as many (the
     # authors' config.yml: n_gen_samples = batchsize)
     assert "global batch 2048 = micro-batch 64 x 8 process(es) x 4 accumulation step(s)" in plan
@@ -207,7 +207,7 @@ def test_imagenet_discriminators_regularize_the_authors_convs(path):
 
 @pytest.mark.slow
 def test_cli_dry_run_of_e2048_prints_the_batch_arithmetic():
-    result = run_cli(["zoo/imagenet_E2048-64.toml", "--dry-run"], env={"WORLD_SIZE": "1"})
+    result = run_cli(["zoo/imagenet_E2048-64.toml", "--dry-run", "--ignore-data"], env={"WORLD_SIZE": "1"})
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "global batch 2048 = micro-batch 64 x 1 process(es) x 32 accumulation step(s)" in out
