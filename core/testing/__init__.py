@@ -52,6 +52,10 @@ members each one exercises, and specreg's own meta-test fails if a member or a h
   when ``dequantize``), batches collate, and item ``i`` is the same every time; ``prepare``
   keeps an up-to-date prepared array and reports missing files (needs the files: a
   ``Case.prepare``, else skipped).
+- callbacks, in the real Trainer on a tiny recipe: ``on_start`` once, ``on_iteration_end`` once
+  per iteration with that iteration, ``on_end`` once; ``state_dict`` is plain JSON that a fresh
+  instance's ``load_state_dict`` takes back (and ``{}``); ``default_enabled`` is a bool and
+  decides whether a recipe without the callback's table gets it.
 
 Checks build small things (widths of 8, 64 images, a few steps) and take about a second each;
 the multi-process ones are marked ``slow``. A regularizer check that trains runs the real
@@ -66,7 +70,8 @@ The package: :mod:`core.testing.kit` (cases, the check registry, :func:`parametr
 :func:`check_plugin`, :func:`registered`, small models), one module of checks per plugin kind
 (:mod:`~core.testing.common` for every kind, :mod:`~core.testing.regularizers`,
 :mod:`~core.testing.penalties` (regularizers too), :mod:`~core.testing.architectures`,
-:mod:`~core.testing.losses`, :mod:`~core.testing.metrics`, :mod:`~core.testing.datasets`; a new
+:mod:`~core.testing.losses`, :mod:`~core.testing.metrics`, :mod:`~core.testing.datasets`,
+:mod:`~core.testing.callbacks`; a new
 kind adds its module to :data:`CHECK_MODULES`), :mod:`core.testing.steps` (the regularizer
 checks' step contexts, small training steps and tiny Trainers), :mod:`core.testing.ddp` (the
 2-process DDP run) and :mod:`core.testing.writers` (dataset files for ``Case.prepare``).
@@ -74,8 +79,8 @@ checks' step contexts, small training steps and tiny Trainers), :mod:`core.testi
 
 from __future__ import annotations
 
-from core.testing import (architectures, common, datasets, losses, metrics,  # noqa: F401
-                          penalties, regularizers)
+from core.testing import (architectures, callbacks, common, datasets, losses,  # noqa: F401
+                          metrics, penalties, regularizers)
 from core.testing.kit import (CHECKS, COMMON_CHECKS, SEED, SMALL_VALUES, Case, Check,
                               ConformanceError, as_case, check_plugin, checks_for,
                               covered_members, interface_members, kind_of,
@@ -85,7 +90,8 @@ from core.testing.writers import write_prepared_sample
 
 #: the modules whose checks the kit registers (importing one registers its checks, each kind's in
 #: the order of its module).
-CHECK_MODULES = (common, regularizers, penalties, architectures, losses, metrics, datasets)
+CHECK_MODULES = (common, regularizers, penalties, architectures, losses, metrics, datasets,
+                 callbacks)
 
 __all__ = ["Case", "Check", "CHECKS", "COMMON_CHECKS", "ConformanceError", "check_plugin",
            "checks_for", "covered_members", "interface_members", "kind_of",
