@@ -40,6 +40,11 @@ The map (each name is documented where it is defined):
 - Singular values (:mod:`core.svd`): :func:`singular_values` (every value, exact, float64),
   :func:`thin_svd` / :class:`ThinSVD` (lazily exact thin SVD with spectrum re-weighting),
   :func:`svd`, and the one trust threshold :data:`TRUSTED` of their fast Gram route.
+- Config validators (:mod:`core.validators`, attrs validators whose errors name the recipe file
+  and key): :func:`positive_int`, :func:`nonnegative_int`, :func:`int_at_least`,
+  :func:`int_in`, :func:`positive_number`, :func:`nonnegative_number`, :func:`finite_number`,
+  :func:`number_in`, :func:`fraction`, :func:`one_of`, :func:`each`, :func:`non_empty`,
+  :func:`satisfies`, and :func:`fail` for a check of your own.
 - Errors: :class:`SpecregError` (a user error: one line, exit status 2, no traceback; subclass
   it, e.g. for a Config value your plugin cannot work with), :class:`DataMissingError`,
   :class:`WeightsMissingError`.
@@ -57,6 +62,9 @@ from core.interfaces import (Architecture, Callback, Dataset, EvaluationContext,
 from core.layers import (LAYER_TYPES, frozen_state, parametrizations_of, raw_weight,
                          state_updates_enabled, weight_layers, weight_matrix)
 from core.svd import TRUSTED, ThinSVD, singular_values, svd, thin_svd
+from core.validators import (each, fail, finite_number, fraction, int_at_least, int_in,
+                             non_empty, nonnegative_int, nonnegative_number, number_in, one_of,
+                             positive_int, positive_number, satisfies)
 
 __all__ = [
     # registering
@@ -86,6 +94,21 @@ __all__ = [
     "ThinSVD",
     "svd",
     "TRUSTED",
+    # config validators
+    "positive_int",
+    "nonnegative_int",
+    "int_at_least",
+    "int_in",
+    "positive_number",
+    "nonnegative_number",
+    "finite_number",
+    "number_in",
+    "fraction",
+    "one_of",
+    "each",
+    "non_empty",
+    "satisfies",
+    "fail",
     # errors
     "SpecregError",
     "DataMissingError",

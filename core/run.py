@@ -283,7 +283,9 @@ def train(args: argparse.Namespace) -> int:
             trim_evaluations(run_dir, trainer.iteration)
             print(f"resuming {run_dir} from {checkpoint.name} (iteration {trainer.iteration}) "
                   f"with its saved recipe {run_dir / RECIPE_FILE}")
-            for note in [*skipped, *recipe_notes, *notes]:
+            for note in skipped:  # a damaged checkpoint passed over: said where warnings go
+                print(f"specreg: note: {note}", file=sys.stderr)
+            for note in [*recipe_notes, *notes]:
                 print(f"  {note}")
     elif accelerator.is_main_process:
         print(f"run folder: {run_dir}")

@@ -3,11 +3,13 @@
     torchrun --nproc_per_node 2 tests/ddp_worker.py RECIPE OUT_DIR [KEY=VALUE ...]
 
 ``architecture.name=test_no_batch_stats`` selects the BatchNorm-free test architecture of
-tests/test_training.py (registered here, as in that module's fixture).
+tests/test_training.py (registered here, as in that module's fixture). ``SPECREG_TEST_SGD=1``:
+plain SGD in place of Adam (:func:`test_training.sgd_optimizer`).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -25,6 +27,11 @@ def main() -> None:
         from test_training import _TestPlugin
 
         get_registry().add(_TestPlugin, Provider(name="tests.test_training"))
+    if os.environ.get("SPECREG_TEST_SGD") == "1":
+        from core.train import Trainer
+        from test_training import sgd_optimizer
+
+        Trainer.build_optimizer = sgd_optimizer
     recipe = load_recipe(recipe_path, sys.argv[3:])
     accelerator = make_accelerator(recipe)
     trainer = build_trainer(recipe, out / "run", accelerator)

@@ -31,6 +31,7 @@ from conftest import run_cli
 from core import checkpoint as ckpt
 from core.errors import SpecregError
 from core.recipe import load_recipe
+from core.run_folder import LOCK_FILE
 from core.train import build_trainer, make_accelerator
 
 RECIPE = """
@@ -357,8 +358,9 @@ def tmpfs(tmp_path):
 
 
 def _leftovers(run_dir: Path) -> list[str]:
+    """Hidden files a failed write left behind (the run's lock file is meant to stay)."""
     return sorted(p.name for folder in (run_dir, run_dir / "checkpoints") if folder.is_dir()
-                  for p in folder.iterdir() if p.name.startswith("."))
+                  for p in folder.iterdir() if p.name.startswith(".") and p.name != LOCK_FILE)
 
 
 def _assert_one_line_storage_error(info, what: str) -> str:

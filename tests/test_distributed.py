@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO
-from test_training import assert_trained_alike, no_batch_stats_arch  # noqa: F401 - fixture
+from test_training import assert_trained_alike, no_batch_stats_arch, sgd_optimizer  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -31,10 +31,11 @@ def env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def torchrun(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], timeout: int = 300, sgd: bool = False) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]
-    return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, env={**env(), "SPECREG_TEST_SGD": "1" if sgd else "0"},
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.parametrize("regularizer", ["sn", "sr_static"])
@@ -73,35 +74,36 @@ def test_accelerate_launch_multi_gpu_on_cpu_runs_two_processes_and_exits_0(tmp_p
         assert (run_dir / "checkpoints" / "iter_0000002" / "rng_rank1.safetensors").is_file()
 
 
-def test_ddp_with_accumulation_equals_one_big_batch_in_one_process(tmp_path, no_batch_stats_arch):
+def test_ddp_with_accumulation_equals_one_big_batch_in_one_process(tmp_path, monkeypatch, no_batch_stats_arch):
     """2 processes x 2 micro-batches of 4 == 1 process with the global batch of 16 at once."""
     from core.recipe import load_recipe
-    from core.train import build_trainer, make_accelerator
+    from core.train import Trainer, build_trainer, make_accelerator
     from test_training import state_of
 
     overrides = [*SMALL, "train.iterations=3", f"architecture.name={no_batch_stats_arch}",
                  "train.batch_size=16", "discriminator.regularizer.name=sr_static",
                  "discriminator.regularizer.every=1"]
     recipe = load_recipe(REPO / "zoo" / "quickstart.toml", overrides)
+    monkeypatch.setattr(Trainer, "build_optimizer", sgd_optimizer)  # see sgd_optimizer
     start = state_of(build_trainer(recipe, tmp_path / "init", make_accelerator(recipe)))
     single = build_trainer(recipe, tmp_path / "single", make_accelerator(recipe))
     single.fit()
     reference = state_of(single)
     result = torchrun(["tests/ddp_worker.py", "zoo/quickstart.toml", str(tmp_path),
-                       *overrides, "train.micro_batch_size=4"])
+                       *overrides, "train.micro_batch_size=4"], sgd=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for rank in (0, 1):  # float32's summation order: the rule of the one-process golden test
         assert_trained_alike(load_file(str(tmp_path / f"rank{rank}.safetensors")), reference,
                              start)
 
 
-def test_ddp_with_batchnorm_g_equals_the_same_micro_batches_in_one_process(tmp_path):
+def test_ddp_with_batchnorm_g_equals_the_same_micro_batches_in_one_process(tmp_path, monkeypatch):
     """Issue 11.1 with BatchNorm: a conditional-BN G with sn, sr_static on D, n_critic = 2.
     2 processes x 2 micro-batches of 4 == 1 process x 4 micro-batches of 4 (the documented
     invariant: BatchNorm normalizes each micro-batch; power iteration and running statistics
     step once per optimizer step, as DDP's broadcast of process 0's buffers)."""
     from core.recipe import load_recipe
-    from core.train import build_trainer, make_accelerator
+    from core.train import Trainer, build_trainer, make_accelerator
     from test_training import state_of
 
     overrides = [*SMALL, "train.iterations=3", "architecture.num_classes=1000",
@@ -109,6 +111,7 @@ def test_ddp_with_batchnorm_g_equals_the_same_micro_batches_in_one_process(tmp_p
                  "generator.regularizer.name=sn", "discriminator.regularizer.name=sr_static",
                  "discriminator.regularizer.every=1"]
     recipe = load_recipe(REPO / "zoo" / "quickstart.toml", overrides)
+    monkeypatch.setattr(Trainer, "build_optimizer", sgd_optimizer)  # see sgd_optimizer
     start = state_of(build_trainer(recipe, tmp_path / "init", make_accelerator(recipe)))
     single = build_trainer(recipe, tmp_path / "single", make_accelerator(recipe))
     assert single.plan.accumulation == 4
@@ -116,7 +119,8 @@ def test_ddp_with_batchnorm_g_equals_the_same_micro_batches_in_one_process(tmp_p
     reference = state_of(single)
     assert any("running_mean" in k for k in reference) and \
         any(k.startswith("generator.") and k.endswith("._u") for k in reference)
-    result = torchrun(["tests/ddp_worker.py", "zoo/quickstart.toml", str(tmp_path), *overrides])
+    result = torchrun(["tests/ddp_worker.py", "zoo/quickstart.toml", str(tmp_path), *overrides],
+                      sgd=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert_trained_alike(load_file(str(tmp_path / "rank0.safetensors")), reference, start)
     # rank 1's own BatchNorm statistics are overwritten by rank 0's at each forward

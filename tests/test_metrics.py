@@ -431,7 +431,7 @@ def test_mode_coverage_counts_and_kl():
     assert out["modes"] == 2 and out["rejected"] == 0.25
     p = np.array([2 / 3, 1 / 3])
     assert out["kl"] == pytest.approx(np.sum(p * np.log(p * 1000)))
-    assert mode_coverage(digits, np.zeros_like(accepted))["kl"] == math.inf  # not NaN
+    assert math.isnan(mode_coverage(digits, np.zeros_like(accepted))["kl"])  # undefined, not inf
 
 
 def test_modes_real_stacked_digits_cover_all_1000(digits_root):
@@ -549,3 +549,9 @@ def test_evaluate_records_and_table(digits_root):
     assert row[:4] == ["1234", "modes", "modes*", "1"]
     assert any(line.split()[2] == "kl" and float(line.split()[3]) == pytest.approx(
         math.log(1000), rel=1e-5) for line in lines[2:-1])
+
+
+def test_an_undefined_score_never_becomes_the_best():
+    from core.eval.during_training import is_better
+    assert not is_better(math.nan, None, True) and not is_better(math.nan, 1.0, False)
+    assert is_better(0.5, 1.0, False) and not is_better(0.5, 1.0, True)

@@ -117,22 +117,43 @@ def state_of(trainer) -> dict[str, torch.Tensor]:
     return out
 
 
+def sgd_optimizer(self, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    """Plain SGD in place of :meth:`core.train.Trainer.build_optimizer`'s Adam, for golden tests
+    across processes: SGD is linear in the gradient, so float32's summation order stays at
+    rounding level; Adam divides each gradient by its own magnitude and turns the rounding noise
+    of a gradient that is zero in exact arithmetic (a bias right before a BatchNorm, a class
+    embedding no sample used) into a full ``lr`` step of either sign."""
+    return torch.optim.SGD(model.parameters(), lr=lr * 1e3)
+
+
 def assert_trained_alike(got: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
                          start: dict[str, torch.Tensor], skip=lambda name: False) -> None:
-    """Per tensor: |got - reference| <= 1e-4 x ||reference - start|| + 2**-24 x ||reference||
-    (float32 summation order; see test_accumulated_micro_batches_equal_one_big_batch)."""
+    """Per tensor of n elements: |got - reference| <= 1e-4 x ||reference - start||
+    + 16 x 2**-24 x ||reference|| + 1e-6 x sqrt(n) x the largest element step of the network.
+
+    float32's summation order: errors relative to how far the tensor moved, a few units of
+    rounding of its values (normalizations such as power iteration's), and for a tensor whose
+    gradient is zero in exact arithmetic (a bias right before a BatchNorm) the rounding of the
+    cancelling sums it is made of, which is relative to the network's steps, not its own
+    (see test_accumulated_micro_batches_equal_one_big_batch)."""
     u = 2.0 ** -24
+    largest_step = max((reference[n].double() - start[n].double()).abs().max().item()
+                       for n in reference if not skip(n) and reference[n].numel()
+                       and reference[n].is_floating_point())
+    breaches = []
     for name in reference:
         if skip(name):
             continue
         a, b, b0 = got[name].double(), reference[name].double(), start[name].double()
         error, moved = (a - b).norm().item(), (b - b0).norm().item()
-        bound = 1e-4 * moved + u * b.norm().item()
-        worst = int((a - b).abs().argmax()) if a.numel() else 0
-        assert error <= bound, (
-            f"{name} ({b.numel()} elements): |got - reference| = {error:.3g} > {bound:.3g} "
-            f"(1e-4 x the displacement {moved:.3g} + float32 floor); worst element [{worst}]: "
-            f"{a.flatten()[worst].item():.8g} vs {b.flatten()[worst].item():.8g}")
+        bound = 1e-4 * moved + 16 * u * b.norm().item() + 1e-6 * b.numel() ** 0.5 * largest_step
+        if error > bound:
+            worst = int((a - b).abs().argmax()) if a.numel() else 0
+            breaches.append(
+                f"{name} ({b.numel()} elements): |got - reference| = {error:.3g} > {bound:.3g} "
+                f"(1e-4 x the displacement {moved:.3g} + float32 floors); worst element [{worst}]: "
+                f"{a.flatten()[worst].item():.8g} vs {b.flatten()[worst].item():.8g}")
+    assert not breaches, f"{len(breaches)} of {len(reference)} tensors differ:\n" + "\n".join(breaches)
 
 
 def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, no_batch_stats_arch):

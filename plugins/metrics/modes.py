@@ -9,9 +9,8 @@ channels are accepted; its mode is ``100 * d_R + 10 * d_G + d_B``.
 - ``modes``: ``modes`` = distinct modes among accepted samples (of 1000), ``kl`` =
   KL(histogram of accepted samples' modes || uniform over 1000), ``rejected`` = share of samples
   with a rejected channel. When every sample is rejected the histogram is empty and the KL is
-  undefined; ``kl`` is then ``inf``: worse than any defined value (which is at most
-  log 1000 = 6.91, all mass on one mode), rather than a NaN that compares false with
-  everything; ``eval.best = "modes.kl"`` never picks it.
+  undefined; ``kl`` is then NaN (the metric contract's mark of an undefined score: records stay
+  strict JSON, and ``eval.best = "modes.kl"`` never picks a non-finite value).
 - ``digits_fid``: the Fréchet distance (clean-fid's ``frechet_distance``) between generated and
   real stacked digits in the classifier's feature space (three channels' 64-d features side by
   side); the real statistics come from the dataset plugin's split, cached like FID's.
@@ -54,8 +53,8 @@ def mode_coverage(digits: np.ndarray, accepted: np.ndarray,
     if total > 0:
         p = counts[counts > 0] / total
         kl = float(np.sum(p * np.log(p * num_modes)))
-    else:  # nothing accepted: the worst score (see the module docstring)
-        kl = math.inf
+    else:  # nothing accepted: undefined (see the module docstring)
+        kl = math.nan
     return {"modes": float(np.count_nonzero(counts)), "kl": kl,
             "rejected": float(1.0 - keep.mean()) if len(keep) else math.nan}
 
