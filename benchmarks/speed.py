@@ -15,6 +15,17 @@ line, so that load from other processes on the machine cancels out:
   loss, backward, Adam step on G; batch ``--batch``) with GBlock's shortcut as conv1x1-upsample
   against upsample-conv1x1 (:func:`plugins.architectures.blocks.upsample_before_shortcut_conv`).
 
+- ``iteration``: one training iteration of the quickstart model through :class:`core.train.Trainer`
+  (global batch ``--batch``, n_critic 5: five D steps and a G step) with the loop's exact
+  speed-ups (D's parameters frozen in the G step, GBlock's shortcut conv before the upsample)
+  against both switched off (:func:`core.train.d_weight_gradients_in_g_step`,
+  :func:`~plugins.architectures.blocks.upsample_before_shortcut_conv`); and the G step alone
+  with D frozen against D's weight gradients computed.
+
+- ``formats``: the same iteration with ``train.channels_last`` and with ``train.compile``
+  (``--backend``, inductor by default), each against eager NCHW in the same run; the first
+  compiled iterations (the compile itself) are timed apart.
+
 Measurements are the entries of :data:`MEASUREMENTS`; each prints one line.
 """
 
@@ -37,7 +48,7 @@ sys.path.insert(0, str(REPO))
 from core.eval.runner import evaluate  # noqa: E402
 from core.interfaces import EvaluationContext  # noqa: E402
 from core.recipe import load_recipe  # noqa: E402
-from core.train import build_models  # noqa: E402
+from core.train import build_models, build_trainer, d_weight_gradients_in_g_step  # noqa: E402
 from plugins.architectures.blocks import upsample_before_shortcut_conv  # noqa: E402
 
 QUICKSTART = REPO / "zoo" / "quickstart.toml"
@@ -157,10 +168,90 @@ def g_shortcut(args: argparse.Namespace, device: torch.device) -> str:
             + f" (median of {args.repeats})")
 
 
+def iteration(args: argparse.Namespace, device: torch.device) -> str:
+    from core.train import make_accelerator
+
+    overrides = ["dataset.num_samples=2048", f"train.batch_size={args.batch}", "train.n_critic=5",
+                 "log.progress=false", "log.sample_every=0", "checkpoint.every=0", "eval.every=0",
+                 "train.micro_batch_size=0", f"train.cpu={'true' if device.type == 'cpu' else 'false'}"]
+    recipe = load_recipe(QUICKSTART, overrides)
+    with tempfile.TemporaryDirectory() as folder:
+        trainer = build_trainer(recipe, Path(folder) / "run", make_accelerator(recipe),
+                                callbacks=[])
+        trainer.G.train()
+        trainer.D.train()
+
+        def old_way() -> ContextManager:
+            stack = contextlib.ExitStack()
+            stack.enter_context(d_weight_gradients_in_g_step())
+            stack.enter_context(upsample_before_shortcut_conv())
+            return stack
+
+        def run(fn: Callable[[], object], way: Callable[[], ContextManager]):
+            def go() -> None:
+                with way():
+                    for _ in range(args.steps):
+                        fn()
+            return go
+
+        lines = []
+        for label, fn, old in (
+                ("iteration", trainer.train_iteration, old_way),
+                ("G step, D frozen / D's weight gradients", trainer.generator_step,
+                 d_weight_gradients_in_g_step)):
+            run(fn, contextlib.nullcontext)()  # warm-up, both ways
+            run(fn, old)()
+            ratio, t_new, t_old = alternating_ratio(run(fn, contextlib.nullcontext), run(fn, old),
+                                                    args.repeats)
+            lines.append(f"{label} {ratio:.3f}x ({1e3 * t_new / args.steps:.0f} vs "
+                         f"{1e3 * t_old / args.steps:.0f} ms)")
+        trainer.log.close()
+    return (f"iteration: quickstart model (resnet32 ch {recipe.architecture.config.ch}), batch "
+            f"{args.batch}, n_critic 5, speed-ups on / off: " + "; ".join(lines)
+            + f"; speed-up {1 / float(lines[0].split()[1][:-1]):.3f}x (median of {args.repeats})")
+
+
+def formats(args: argparse.Namespace, device: torch.device) -> str:
+    from core.train import make_accelerator
+
+    base = ["dataset.num_samples=2048", f"train.batch_size={args.batch}", "train.n_critic=5",
+            "log.progress=false", "log.sample_every=0", "checkpoint.every=0", "eval.every=0",
+            f"train.cpu={'true' if device.type == 'cpu' else 'false'}"]
+    variants = {"eager": [], "channels_last": ["train.channels_last=true"],
+                "compiled": ["train.compile=true", f"train.compile_backend={args.backend}"]}
+    with tempfile.TemporaryDirectory() as folder:
+        trainers, warm = {}, {}
+        for name, extra in variants.items():
+            recipe = load_recipe(QUICKSTART, [*base, *extra])
+            trainer = build_trainer(recipe, Path(folder) / name, make_accelerator(recipe),
+                                    callbacks=[])
+            trainer.G.train()
+            trainer.D.train()
+            warm[name] = timed(lambda: [trainer.train_iteration() for _ in range(2)])
+            trainers[name] = trainer
+
+        def run(trainer):
+            return lambda: [trainer.train_iteration() for _ in range(args.steps)]
+
+        lines = []
+        for name in ("channels_last", "compiled"):
+            ratio, t_new, t_old = alternating_ratio(run(trainers[name]), run(trainers["eager"]),
+                                                    args.repeats)
+            lines.append(f"{name} / eager {ratio:.3f}x ({1e3 * t_new / args.steps:.0f} vs "
+                         f"{1e3 * t_old / args.steps:.0f} ms per iteration)")
+        for trainer in trainers.values():
+            trainer.log.close()
+    return (f"formats: quickstart model, batch {args.batch}, n_critic 5: " + "; ".join(lines)
+            + f"; first 2 iterations (compile included): compiled {warm['compiled']:.1f} s, "
+            f"eager {warm['eager']:.1f} s (median of {args.repeats})")
+
+
 #: (name, measurement): each returns its one line.
 MEASUREMENTS: list[tuple[str, Callable[[argparse.Namespace, torch.device], str]]] = [
     ("eval_sharing", eval_sharing),
     ("g_shortcut", g_shortcut),
+    ("iteration", iteration),
+    ("formats", formats),
 ]
 
 
@@ -172,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--only", nargs="*", default=None, choices=[n for n, _ in MEASUREMENTS])
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend (formats)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -37,7 +37,7 @@ from cattrs.errors import (AttributeValidationNote, ClassValidationError, Forbid
 from core.errors import SpecregError
 from core.registry import UnknownPluginError, get_registry
 from core.validators import (ConfigValueError, file_name, fail, int_in, each, nonnegative_int,
-                             number_in, positive_int, positive_number)
+                             non_empty, number_in, positive_int, positive_number)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -284,6 +284,16 @@ class TrainSection:
     #: "update" (PyTorch/Chainer: every training-mode forward) or "frozen" (no step, as the
     #: TF code's ``update_collection`` of the G loss).
     d_state_in_g_step: Literal["update", "frozen"] = "update"
+    #: compile G and D with ``torch.compile`` (in place, ``nn.Module.compile``: state dicts and
+    #: checkpoints are the eager ones'); a graph that fails to compile runs eagerly, with a
+    #: warning (torch._dynamo's ``suppress_errors``).
+    compile: bool = False
+    #: the ``torch.compile`` backend when ``compile`` is true ("inductor"; "aot_eager" traces
+    #: without generating code, for checking a model compiles).
+    compile_backend: str = attrs.field(default="inductor", validator=non_empty)
+    #: G and D weights, and the reals, in the channels-last memory format (NHWC); pays on GPUs
+    #: with tensor cores, rarely on CPUs (README, Speed).
+    channels_last: bool = False
 
 
 @attrs.define

@@ -19,7 +19,9 @@ Each micro-batch, every regularizer whose lazy interval (``penalty_every``) sele
 current optimizer step gets a :class:`core.interfaces.StepContext` and returns its ``penalty``,
 which is multiplied by ``penalty_every`` and joins the loss before the division by k. Reals
 ``requires_grad`` only in D steps where an active D regularizer ``needs`` ``"real_grad"``. A loss
-that ``needs_real_logits`` gets D's logits of a real micro-batch in the G step too.
+that ``needs_real_logits`` gets D's logits of a real micro-batch in the G step too. In the G step
+D's parameters do not require grad (:func:`parameters_frozen`): G's gradient flows through D's
+activations, D's weight gradients are not computed (issue 15; they were discarded anyway).
 
 After each optimizer step the network's regularizers get ``after_step`` (SR's projection, SPEC
 §2.3), in order; after G's, the EMA of G (``[generator.ema]``, :mod:`core.ema`) is updated.
@@ -63,6 +65,40 @@ class NonFiniteLossError(SpecregError):
 
     exit_code = 1
 
+
+
+#: D's parameters do not require grad during the G step (True, the default: the gradient still
+#: flows to G through D's activations; D's weight gradients would be computed and thrown away).
+_FREEZE_D_IN_G_STEP = True
+
+
+@contextlib.contextmanager
+def d_weight_gradients_in_g_step() -> Iterator[None]:
+    """Within the block, the G step also computes D's weight gradients (discarded at the next D
+    step), as before they were skipped: for benchmarks and tests only, not a recipe setting."""
+    global _FREEZE_D_IN_G_STEP
+    previous, _FREEZE_D_IN_G_STEP = _FREEZE_D_IN_G_STEP, False
+    try:
+        yield
+    finally:
+        _FREEZE_D_IN_G_STEP = previous
+
+
+@contextlib.contextmanager
+def parameters_frozen(module: nn.Module) -> Iterator[None]:
+    """``module``'s parameters that require grad do not, within the block (restored after it,
+    also on an error)."""
+    if not _FREEZE_D_IN_G_STEP:
+        yield
+        return
+    frozen = [p for p in module.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
 
 class RunInterrupted(SpecregError):
     """SIGINT or SIGTERM stopped the run after an iteration (a checkpoint of it saved)."""
@@ -172,6 +208,10 @@ def build_trainer(recipe: Recipe, run_dir: Path, accelerator=None,
     # the batch arithmetic and the data are checked before anything is written (exit 2, no
     # run folder)
     BatchPlan.derive(t.batch_size, acc.num_processes, t.micro_batch_size, t.g_batch_multiplier)
+    if t.compile:
+        from core.compiled import check_backend
+
+        check_backend(t.compile_backend)
     if callbacks is None:
         callbacks = [spec.create() for spec in recipe.callbacks.values()]
     torch.manual_seed(recipe.seed)  # model initialization is identical on every process
@@ -244,10 +284,15 @@ class Trainer:
         self.architecture, self.loss = architecture, loss
         self.dataset, self.dataset_plugin = dataset, dataset_plugin
         self.d_regs, self.g_regs = _as_list(d_regularizer), _as_list(g_regularizer)
+        if train.channels_last:
+            from core.compiled import to_channels_last
+
+            generator, discriminator = to_channels_last(generator), to_channels_last(discriminator)
         opt_g = self.build_optimizer(generator, train.lr_g)
         opt_d = self.build_optimizer(discriminator, train.lr_d)
         self.G, self.D, self.opt_g, self.opt_d = self.acc.prepare(generator, discriminator,
                                                                   opt_g, opt_d)
+        self._compile(generator, discriminator)
         # optimizer steps of each network so far (StepContext.step; lazy ``penalty_every``)
         self.d_steps = self.g_steps = 0
         self.ema: GeneratorEMA | None = None
@@ -268,6 +313,14 @@ class Trainer:
         self.writer = ckpt.CheckpointWriter(self.run_dir, self.acc, checkpoint.keep)
         self.last_checkpoint: Path | None = None
         self._data_iter: Iterator | None = None
+
+    def _compile(self, *networks: nn.Module) -> None:
+        """``train.compile``: each network compiled in place (:mod:`core.compiled`)."""
+        if self.train_section.compile:
+            from core.compiled import compile_in_place
+
+            for network in networks:
+                compile_in_place(network, self.train_section.compile_backend)
 
     def build_optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
         """Adam over ``model``'s parameters (in ``parameters()`` order) with ``train.betas``."""
@@ -297,10 +350,15 @@ class Trainer:
         """Train ``discriminator`` (with ``regularizer`` applied) from here on, with a fresh
         optimizer, both prepared by the accelerator (under DDP: a new wrapper). Every process
         calls it at the same point; the caller loads any state into them
-        (:mod:`core.spectral.switch`)."""
+        (:mod:`plugins.callbacks.spectral_monitor`'s switch)."""
         old = (self.D, self.opt_d)
+        if self.train_section.channels_last:
+            from core.compiled import to_channels_last
+
+            discriminator = to_channels_last(discriminator)
         opt_d = self.build_optimizer(discriminator, self.train_section.lr_d)
         self.D, self.opt_d = self.acc.prepare(discriminator, opt_d)
+        self._compile(discriminator)
         self.d_reg = regularizer
         for held, gone in zip((getattr(self.acc, "_models", None),
                                getattr(self.acc, "_optimizers", None)), old):
@@ -428,7 +486,10 @@ class Trainer:
     def next_micro_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._data_iter is None:
             self._data_iter = self._batches()
-        return next(self._data_iter)
+        real, labels = next(self._data_iter)
+        if self.train_section.channels_last:
+            real = real.contiguous(memory_format=torch.channels_last)
+        return real, labels
 
     @property
     def generators(self) -> dict[str, torch.Generator]:
@@ -596,7 +657,7 @@ class Trainer:
             if needs_real:
                 real, labels = self.next_micro_batch()
             with self._micro_contexts(acc, self.G, m, k), acc.no_sync(self.D), \
-                    self._g_step_d_state():
+                    self._g_step_d_state(), parameters_frozen(self.unwrapped(self.D)):
                 with self._first_micro_batch_state(self.G, m):
                     fake = self.G(z, y)
                 if needs_real:

@@ -38,9 +38,16 @@ def torchrun(args: list[str], timeout: int = 300, sgd: bool = False) -> subproce
                           capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("regularizer", ["sn", "sr_static"])
-def test_two_processes_end_with_identical_parameters_and_buffers(tmp_path, regularizer):
-    overrides = [*SMALL, "train.iterations=3", f"discriminator.regularizer.name={regularizer}"]
+@pytest.mark.parametrize("regularizer, extra", [
+    ("sn", []), ("sr_static", []),
+    # issue 15: compiled (dynamo + AOT autograd, no code generation) and channels-last networks
+    ("sr_static", ["train.compile=true", "train.compile_backend=aot_eager",
+                   "train.channels_last=true", "train.micro_batch_size=2",
+                   "train.iterations=2"])],
+    ids=["sn", "sr_static", "sr_static-compiled-channels_last-accumulated"])
+def test_two_processes_end_with_identical_parameters_and_buffers(tmp_path, regularizer, extra):
+    overrides = [*SMALL, "train.iterations=3", f"discriminator.regularizer.name={regularizer}",
+                 *extra]
     if regularizer == "sr_static":
         overrides.append("discriminator.regularizer.every=1")
     result = torchrun(["tests/ddp_worker.py", "zoo/quickstart.toml", str(tmp_path), *overrides])

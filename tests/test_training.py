@@ -3,6 +3,7 @@ explicit arguments, callbacks from the registry."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -410,3 +411,43 @@ def test_a_user_callback_is_selected_by_its_recipe_table_and_its_hooks_run(tmp_p
     # a recipe that does not name it does not get it (it is not default-enabled)
     plain = make_trainer(load_recipe(path), tmp_path / "plain")
     assert [cb.name for cb in plain.callbacks] == ["spectral"]
+
+
+@pytest.mark.parametrize("d_regularizer", ["sn", "sr_static"])
+def test_the_g_step_with_d_frozen_gives_g_the_same_gradients_and_leaves_d_alone(
+        tmp_path, d_regularizer):
+    """Issue 15: D's parameters do not require grad in the G step. G's gradients equal those of
+    the G step that also computes D's weight gradients, D's gradients and weights are untouched,
+    and D's parameters require grad again after the step (for the next D step)."""
+    from core.train import d_weight_gradients_in_g_step
+
+    recipe = load_recipe(write_recipe(tmp_path), [
+        f"discriminator.regularizer.name={d_regularizer}", "train.micro_batch_size=8"])
+    grads = {}
+    for frozen in (True, False):
+        trainer = make_trainer(recipe, tmp_path / f"run{frozen}")
+        trainer.G.train(), trainer.D.train()
+        trainer.discriminator_step()
+        d_before = {n: p.detach().clone() for n, p in trainer.D.named_parameters()}
+        d_grads = {n: None if p.grad is None else p.grad.clone()
+                   for n, p in trainer.D.named_parameters()}
+        step = trainer.opt_g.step
+        seen = {}
+        trainer.opt_g.step = lambda: seen.update(  # G's gradients, read before Adam's step
+            {n: p.grad.clone() for n, p in trainer.G.named_parameters() if p.grad is not None})
+        with contextlib.nullcontext() if frozen else d_weight_gradients_in_g_step():
+            trainer.generator_step()
+        trainer.opt_g.step = step
+        grads[frozen] = seen
+        assert all(p.requires_grad for p in trainer.D.parameters())
+        for n, p in trainer.D.named_parameters():
+            assert torch.equal(p, d_before[n]), n
+            if frozen:  # the G step left D's gradients as the D step left them
+                assert (p.grad is None and d_grads[n] is None) or torch.equal(p.grad, d_grads[n]), n
+        if not frozen:  # the old way: D's weight gradients were accumulated by the G step
+            assert any(p.grad is not None and d_grads[n] is not None
+                       and not torch.equal(p.grad, d_grads[n])
+                       for n, p in trainer.D.named_parameters())
+    assert grads[True].keys() == grads[False].keys() and len(grads[True]) > 10
+    for n in grads[True]:
+        torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-6, atol=1e-9, msg=n)
