@@ -728,3 +728,15 @@ def test_generator_with_either_shortcut_order_and_old_checkpoint_names():
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
     shapes = {k: tuple(v.shape) for k, v in G.state_dict().items() if k.endswith("sc.weight")}
     assert shapes == {f"b{i}.sc.weight": (8, 8, 1, 1) for i in (1, 2, 3)}
+
+
+@pytest.mark.parametrize("resolution", [8, 16])
+def test_standard_cnn_at_the_small_stacked_digits_sizes(resolution):
+    """cnn at 8 / 16 pixels: the same layers on a 1x1 / 2x2 bottom, G's images at that size."""
+    arch = StandardCNN(StandardCNN.Config(resolution=resolution, ch=4, g_ch=16))
+    G, D = arch.build_generator(), arch.build_discriminator()
+    images = G(torch.randn(3, arch.z_dim))
+    assert images.shape == (3, 3, resolution, resolution) and images.abs().max() <= 1
+    assert D(images).shape == (3,)
+    m = resolution // 8
+    assert D.linear.weight.shape == (1, m * m * 32) and G.linear.out_features == m * m * 16

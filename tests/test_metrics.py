@@ -555,3 +555,17 @@ def test_an_undefined_score_never_becomes_the_best():
     from core.eval.during_training import is_better
     assert not is_better(math.nan, None, True) and not is_better(math.nan, 1.0, False)
     assert is_better(0.5, 1.0, False) and not is_better(0.5, 1.0, True)
+
+
+@pytest.mark.parametrize("resolution", [8, 16])
+def test_small_stacked_digits_score_as_the_32_pixel_ones(resolution):
+    """``dataset.resolution`` 8 / 16: the same digits, so the classifier's 8x8 view is identical."""
+    small = StackedDigits(StackedDigits.Config(num_samples=64, resolution=resolution)).build(None)
+    large = StackedDigits(StackedDigits.Config(num_samples=64)).build(None)
+    assert small.images.shape == (64, 3, resolution, resolution)
+    assert torch.equal(small.labels, large.labels)
+    from plugins.datasets.stacked_digits import downsample
+    torch.testing.assert_close(downsample(small.images), downsample(large.images), rtol=0,
+                               atol=1e-6)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        downsample(torch.zeros(1, 3, 12, 12))

@@ -32,8 +32,9 @@ from core.validators import one_of, positive_int, satisfies
 
 __all__ = ["CNNGenerator", "CNNDiscriminator", "StandardCNN", "RESOLUTIONS"]
 
-#: image sizes of the BSSN paper's CNN experiments (CIFAR-10, STL-10, CelebA).
-RESOLUTIONS = (32, 48, 64)
+#: image sizes of the BSSN paper's CNN experiments (CIFAR-10, STL-10, CelebA), and ours for the
+#: small stacked digits (8, 16: the same layers on a 1x1 / 2x2 bottom).
+RESOLUTIONS = (8, 16, 32, 48, 64)
 #: standard deviation of the initial weights.
 INIT_STD = 0.02
 #: negative slope of the discriminator's leaky ReLUs.
@@ -96,11 +97,12 @@ class CNNDiscriminator(nn.Module):
 
 
 class StandardCNN(Architecture):
-    """SN-GAN standard CNN (Miyato et al. 2018, Table 3) at 32, 48 or 64 pixels; unconditional."""
+    """SN-GAN standard CNN (Miyato et al. 2018, Table 3) at 32, 48 or 64 pixels (8 and 16 for the
+    small stacked digits); unconditional."""
 
     @attrs.define
     class Config:
-        #: image size: 32 (CIFAR-10), 48 (STL-10) or 64 (CelebA).
+        #: image size: 32 (CIFAR-10), 48 (STL-10), 64 (CelebA); 8 or 16 (small stacked digits).
         resolution: int = attrs.field(default=32, validator=one_of(RESOLUTIONS))
         z_dim: int = attrs.field(default=128, validator=positive_int)
         #: discriminator base width (convolutions ch, ch, 2ch, 2ch, 4ch, 4ch, 8ch).
