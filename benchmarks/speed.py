@@ -26,6 +26,9 @@ line, so that load from other processes on the machine cancels out:
   (``--backend``, inductor by default), each against eager NCHW in the same run; the first
   compiled iterations (the compile itself) are timed apart.
 
+- ``ema``: one update of the generator EMA (``[generator.ema]``, :mod:`core.ema`) against one G
+  step of the quickstart model (issue 12's target: <= 1%).
+
 Measurements are the entries of :data:`MEASUREMENTS`; each prints one line.
 """
 
@@ -246,12 +249,36 @@ def formats(args: argparse.Namespace, device: torch.device) -> str:
             f"eager {warm['eager']:.1f} s (median of {args.repeats})")
 
 
+def ema(args: argparse.Namespace, device: torch.device) -> str:
+    from core.train import make_accelerator
+
+    recipe = load_recipe(QUICKSTART, [
+        "dataset.num_samples=2048", f"train.batch_size={args.batch}", "log.progress=false",
+        "log.sample_every=0", "checkpoint.every=0", "eval.every=0", "generator.ema.decay=0.999",
+        f"train.cpu={'true' if device.type == 'cpu' else 'false'}"])
+    with tempfile.TemporaryDirectory() as folder:
+        trainer = build_trainer(recipe, Path(folder) / "run", make_accelerator(recipe),
+                                callbacks=[])
+        trainer.G.train()
+        trainer.D.train()
+        average, generator = trainer.ema, trainer.unwrapped(trainer.G)
+        update = lambda: [average.update(generator, 10) for _ in range(args.steps)]  # noqa: E731
+        step = lambda: [trainer.generator_step() for _ in range(args.steps)]  # noqa: E731
+        update(), step()  # warm-up
+        ratio, t_update, t_step = alternating_ratio(update, step, args.repeats)
+        trainer.log.close()
+    return (f"ema: one EMA update / one G step (quickstart G, batch {args.batch}): {100 * ratio:.2f}% "
+            f"({1e3 * t_update / args.steps:.2f} vs {1e3 * t_step / args.steps:.0f} ms, median of "
+            f"{args.repeats})")
+
+
 #: (name, measurement): each returns its one line.
 MEASUREMENTS: list[tuple[str, Callable[[argparse.Namespace, torch.device], str]]] = [
     ("eval_sharing", eval_sharing),
     ("g_shortcut", g_shortcut),
     ("iteration", iteration),
     ("formats", formats),
+    ("ema", ema),
 ]
 
 

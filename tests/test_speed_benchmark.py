@@ -23,10 +23,11 @@ def test_loop_measurements_print_their_ratios(speed, capsys):
     import core.train
     import plugins.architectures.blocks as blocks
 
-    assert speed.main(["--only", "iteration", "g_shortcut", "--repeats", "1", "--steps", "1",
-                       "--batch", "4", "--cpu"]) == 0
+    assert speed.main(["--only", "iteration", "g_shortcut", "ema", "--repeats", "1", "--steps",
+                       "1", "--batch", "4", "--cpu"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("device cpu") and len(lines) == 3
+    assert lines[0].startswith("device cpu") and len(lines) == 4
+    assert lines[3].startswith("ema: one EMA update / one G step") and "%" in lines[3]
     assert lines[1].startswith("g_shortcut:") and lines[2].startswith("iteration:")
     ratios = [float(r) for r in re.findall(r"(\d+\.\d+)x", lines[2])]
     assert len(ratios) == 3 and all(r > 0 for r in ratios)
