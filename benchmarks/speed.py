@@ -171,18 +171,25 @@ def g_shortcut(args: argparse.Namespace, device: torch.device) -> str:
             + f" (median of {args.repeats})")
 
 
-def iteration(args: argparse.Namespace, device: torch.device) -> str:
+def loop_trainer(args: argparse.Namespace, device: torch.device, folder: str,
+                 extra: list[str] = (), name: str = "run"):
+    """(recipe, Trainer) of the quickstart model at global batch ``--batch``, n_critic 5, nothing
+    written but the run folder under ``folder``, in training mode."""
     from core.train import make_accelerator
 
-    overrides = ["dataset.num_samples=2048", f"train.batch_size={args.batch}", "train.n_critic=5",
-                 "log.progress=false", "log.sample_every=0", "checkpoint.every=0", "eval.every=0",
-                 "train.micro_batch_size=0", f"train.cpu={'true' if device.type == 'cpu' else 'false'}"]
-    recipe = load_recipe(QUICKSTART, overrides)
+    recipe = load_recipe(QUICKSTART, [
+        "dataset.num_samples=2048", f"train.batch_size={args.batch}", "train.n_critic=5",
+        "log.progress=false", "log.sample_every=0", "checkpoint.every=0", "eval.every=0",
+        f"train.cpu={'true' if device.type == 'cpu' else 'false'}", *extra])
+    trainer = build_trainer(recipe, Path(folder) / name, make_accelerator(recipe), callbacks=[])
+    trainer.G.train()
+    trainer.D.train()
+    return recipe, trainer
+
+
+def iteration(args: argparse.Namespace, device: torch.device) -> str:
     with tempfile.TemporaryDirectory() as folder:
-        trainer = build_trainer(recipe, Path(folder) / "run", make_accelerator(recipe),
-                                callbacks=[])
-        trainer.G.train()
-        trainer.D.train()
+        recipe, trainer = loop_trainer(args, device, folder)
 
         def old_way() -> ContextManager:
             stack = contextlib.ExitStack()
@@ -215,21 +222,12 @@ def iteration(args: argparse.Namespace, device: torch.device) -> str:
 
 
 def formats(args: argparse.Namespace, device: torch.device) -> str:
-    from core.train import make_accelerator
-
-    base = ["dataset.num_samples=2048", f"train.batch_size={args.batch}", "train.n_critic=5",
-            "log.progress=false", "log.sample_every=0", "checkpoint.every=0", "eval.every=0",
-            f"train.cpu={'true' if device.type == 'cpu' else 'false'}"]
     variants = {"eager": [], "channels_last": ["train.channels_last=true"],
                 "compiled": ["train.compile=true", f"train.compile_backend={args.backend}"]}
     with tempfile.TemporaryDirectory() as folder:
         trainers, warm = {}, {}
         for name, extra in variants.items():
-            recipe = load_recipe(QUICKSTART, [*base, *extra])
-            trainer = build_trainer(recipe, Path(folder) / name, make_accelerator(recipe),
-                                    callbacks=[])
-            trainer.G.train()
-            trainer.D.train()
+            _, trainer = loop_trainer(args, device, folder, extra, name)
             warm[name] = timed(lambda: [trainer.train_iteration() for _ in range(2)])
             trainers[name] = trainer
 
@@ -250,17 +248,8 @@ def formats(args: argparse.Namespace, device: torch.device) -> str:
 
 
 def ema(args: argparse.Namespace, device: torch.device) -> str:
-    from core.train import make_accelerator
-
-    recipe = load_recipe(QUICKSTART, [
-        "dataset.num_samples=2048", f"train.batch_size={args.batch}", "log.progress=false",
-        "log.sample_every=0", "checkpoint.every=0", "eval.every=0", "generator.ema.decay=0.999",
-        f"train.cpu={'true' if device.type == 'cpu' else 'false'}"])
     with tempfile.TemporaryDirectory() as folder:
-        trainer = build_trainer(recipe, Path(folder) / "run", make_accelerator(recipe),
-                                callbacks=[])
-        trainer.G.train()
-        trainer.D.train()
+        _, trainer = loop_trainer(args, device, folder, ["generator.ema.decay=0.999"])
         average, generator = trainer.ema, trainer.unwrapped(trainer.G)
         update = lambda: [average.update(generator, 10) for _ in range(args.steps)]  # noqa: E731
         step = lambda: [trainer.generator_step() for _ in range(args.steps)]  # noqa: E731
