@@ -227,6 +227,17 @@ def _builds(recipe: Any, attribute: attrs.Attribute, spec: Any) -> None:
         fail(recipe, attribute, f"{kind} '{spec.name}' cannot be built: {exc}")
 
 
+def _takes_resolution(config: Any, resolution: int) -> bool:
+    """Whether a dataset Config has a ``resolution`` key that accepts ``resolution``."""
+    if not attrs.has(type(config)) or not hasattr(config, "resolution"):
+        return False
+    try:
+        attrs.evolve(config, resolution=resolution)  # runs the key's validators
+    except Exception:  # noqa: BLE001 - any refusal: the size is not offered
+        return False
+    return True
+
+
 def _resolution_matches(recipe: Any, attribute: attrs.Attribute, architecture: Any) -> None:
     """The architecture makes images of the dataset's size (checked by ``--dry-run`` and the
     real run alike, before anything runs)."""
@@ -238,7 +249,7 @@ def _resolution_matches(recipe: Any, attribute: attrs.Attribute, architecture: A
     if a == d:
         return
     arch_key = "resolution" if hasattr(architecture.config, "resolution") else "name"
-    data_key = "resolution" if hasattr(recipe.dataset.config, "resolution") else "name"
+    data_key = "resolution" if _takes_resolution(recipe.dataset.config, a) else "name"
     fail(recipe, attribute, f"architecture '{architecture.name}' makes {a}x{a} images but "
          f"dataset '{recipe.dataset.name}' is {d}x{d} (dataset.{data_key}); make them equal",
          subpath=(arch_key,), related=[("dataset", data_key)])

@@ -185,8 +185,10 @@ CASES = [
     S("architecture.name=resnet128", "architecture.name", "128x128", "32x32", "dataset.name"),
     S("architecture.resolution=48", None, "48x48", "32x32", "dataset.name",
       more=("architecture.name=cnn",)),
+    S("architecture.resolution=16", None, "16x16", "32x32", "dataset.resolution",
+      more=("architecture.name=cnn",)),  # a size the dataset offers: its key is named
     S("architecture.g_ch=12", None, "multiple of 8", more=("architecture.name=cnn",)),
-    S("architecture.resolution=40", None, "32, 48, 64", more=("architecture.name=cnn",)),
+    S("architecture.resolution=40", None, "8, 16, 32, 48, 64", more=("architecture.name=cnn",)),
     S("architecture.block=bssn", None, "'sngan', 'bsn'",
       more=("architecture.name=resnet128", "dataset.name=imagenet")),
     # -- [discriminator] / [generator] regularizers --------------------------------------------
