@@ -63,6 +63,7 @@ SECTIONS = ("dataset", "architecture", "loss", "discriminator", "generator", "tr
             "checkpoint", "eval")
 #: settings of those sections that change where or how fast things happen, not what is computed.
 INFRASTRUCTURE = {"dataset.download", "dataset.prepared", "train.num_workers", "train.cpu",
+                  "train.compile", "train.compile_backend", "train.channels_last",
                   "checkpoint.keep", "eval.batch_size", "eval.best_mode"}
 METRIC_INFRASTRUCTURE = {"inception_weights", "inception_url", "download"}
 SOURCES = ("paper", "authors' code", "our choice")
