@@ -569,3 +569,8 @@ def test_small_stacked_digits_score_as_the_32_pixel_ones(resolution):
                                atol=1e-6)
     with pytest.raises(ValueError, match="multiple of 8"):
         downsample(torch.zeros(1, 3, 12, 12))
+    from plugins.metrics.digit_classifier import DigitClassifier
+    torch.testing.assert_close(DigitClassifier.channels(small.images),
+                               DigitClassifier.channels(large.images), rtol=0, atol=1e-6)
+    with pytest.raises(SpecregError, match="R in 8, 16, 32"):
+        DigitClassifier.channels(torch.zeros(1, 3, 24, 24))

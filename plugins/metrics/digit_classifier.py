@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from core.errors import SpecregError
-from plugins.datasets.stacked_digits import digit_pool, downsample
+from plugins.datasets.stacked_digits import RESOLUTIONS, digit_pool, downsample
 
 __all__ = ["DigitClassifier", "DigitNet", "TrainingSettings", "load_digit_classifier",
            "train_digit_classifier", "non_digits", "NUM_DIGITS", "REJECT_CLASS"]
@@ -145,10 +145,13 @@ class DigitClassifier:
 
     @staticmethod
     def channels(images: torch.Tensor) -> torch.Tensor:
-        """``[N, 3, 32, 32]`` images in [-1, 1] -> ``[N * 3, 8, 8]`` digits in [0, 1]."""
-        if images.ndim != 4 or tuple(images.shape[1:]) != (3, 32, 32):
+        """``[N, 3, R, R]`` images in [-1, 1] (R = 32, 16 or 8) -> ``[N * 3, 8, 8]`` digits in
+        [0, 1]."""
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3] \
+                or images.shape[-1] not in RESOLUTIONS:
             raise SpecregError(f"the digit metrics (modes, digits_fid) need stacked-digit "
-                               f"images [N, 3, 32, 32], got shape {tuple(images.shape)}")
+                               f"images [N, 3, R, R] with R in {', '.join(map(str, RESOLUTIONS))}, "
+                               f"got shape {tuple(images.shape)}")
         return downsample(images.detach().float().cpu()).reshape(-1, 8, 8)
 
     def classify_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
