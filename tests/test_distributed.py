@@ -129,7 +129,10 @@ def test_ddp_with_batchnorm_g_equals_the_same_micro_batches_in_one_process(tmp_p
     result = torchrun(["tests/ddp_worker.py", "zoo/quickstart.toml", str(tmp_path), *overrides],
                       sgd=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert_trained_alike(load_file(str(tmp_path / "rank0.safetensors")), reference, start)
+    # BatchNorm's normalizations and zero-gradient biases: assert_trained_alike's two floors
+    floors = {"ulps": 16, "zero_gradient_floor": 1e-6}
+    assert_trained_alike(load_file(str(tmp_path / "rank0.safetensors")), reference, start,
+                         **floors)
     # rank 1's own BatchNorm statistics are overwritten by rank 0's at each forward
     assert_trained_alike(load_file(str(tmp_path / "rank1.safetensors")), reference, start,
-                         skip=lambda n: "running_" in n or "num_batches_tracked" in n)
+                         skip=lambda n: "running_" in n or "num_batches_tracked" in n, **floors)
