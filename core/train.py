@@ -66,7 +66,6 @@ class NonFiniteLossError(SpecregError):
     exit_code = 1
 
 
-
 #: D's parameters do not require grad during the G step (True, the default: the gradient still
 #: flows to G through D's activations; D's weight gradients would be computed and thrown away).
 _FREEZE_D_IN_G_STEP = True
@@ -88,9 +87,6 @@ def d_weight_gradients_in_g_step() -> Iterator[None]:
 def parameters_frozen(module: nn.Module) -> Iterator[None]:
     """``module``'s parameters that require grad do not, within the block (restored after it,
     also on an error)."""
-    if not _FREEZE_D_IN_G_STEP:
-        yield
-        return
     frozen = [p for p in module.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
@@ -99,6 +95,7 @@ def parameters_frozen(module: nn.Module) -> Iterator[None]:
     finally:
         for p in frozen:
             p.requires_grad_(True)
+
 
 class RunInterrupted(SpecregError):
     """SIGINT or SIGTERM stopped the run after an iteration (a checkpoint of it saved)."""
@@ -284,10 +281,7 @@ class Trainer:
         self.architecture, self.loss = architecture, loss
         self.dataset, self.dataset_plugin = dataset, dataset_plugin
         self.d_regs, self.g_regs = _as_list(d_regularizer), _as_list(g_regularizer)
-        if train.channels_last:
-            from core.compiled import to_channels_last
-
-            generator, discriminator = to_channels_last(generator), to_channels_last(discriminator)
+        generator, discriminator = self._in_memory_format(generator, discriminator)
         opt_g = self.build_optimizer(generator, train.lr_g)
         opt_d = self.build_optimizer(discriminator, train.lr_d)
         self.G, self.D, self.opt_g, self.opt_d = self.acc.prepare(generator, discriminator,
@@ -313,6 +307,15 @@ class Trainer:
         self.writer = ckpt.CheckpointWriter(self.run_dir, self.acc, checkpoint.keep)
         self.last_checkpoint: Path | None = None
         self._data_iter: Iterator | None = None
+
+    def _in_memory_format(self, *networks: nn.Module) -> tuple[nn.Module, ...]:
+        """``train.channels_last``: the networks in the channels-last format (:mod:`core.compiled`),
+        else as they are."""
+        if not self.train_section.channels_last:
+            return networks
+        from core.compiled import to_channels_last
+
+        return tuple(to_channels_last(network) for network in networks)
 
     def _compile(self, *networks: nn.Module) -> None:
         """``train.compile``: each network compiled in place (:mod:`core.compiled`)."""
@@ -352,10 +355,7 @@ class Trainer:
         calls it at the same point; the caller loads any state into them
         (:mod:`plugins.callbacks.spectral_monitor`'s switch)."""
         old = (self.D, self.opt_d)
-        if self.train_section.channels_last:
-            from core.compiled import to_channels_last
-
-            discriminator = to_channels_last(discriminator)
+        (discriminator,) = self._in_memory_format(discriminator)
         opt_d = self.build_optimizer(discriminator, self.train_section.lr_d)
         self.D, self.opt_d = self.acc.prepare(discriminator, opt_d)
         self._compile(discriminator)
@@ -640,6 +640,14 @@ class Trainer:
             return frozen_state()
         return contextlib.nullcontext()
 
+    def _g_step_d_parameters(self):
+        """D's parameters in the G step: frozen (:func:`parameters_frozen`; G's gradient flows
+        through D's activations), unless a benchmark switched that off
+        (:func:`d_weight_gradients_in_g_step`)."""
+        if _FREEZE_D_IN_G_STEP:
+            return parameters_frozen(self.unwrapped(self.D))
+        return contextlib.nullcontext()
+
     def generator_step(self) -> torch.Tensor:
         """One G update. A loss that ``needs_real_logits`` (relativistic) gets D's logits of a
         real micro-batch per micro-batch, drawn from the data stream: the G step then consumes
@@ -657,7 +665,7 @@ class Trainer:
             if needs_real:
                 real, labels = self.next_micro_batch()
             with self._micro_contexts(acc, self.G, m, k), acc.no_sync(self.D), \
-                    self._g_step_d_state(), parameters_frozen(self.unwrapped(self.D)):
+                    self._g_step_d_state(), self._g_step_d_parameters():
                 with self._first_micro_batch_state(self.G, m):
                     fake = self.G(z, y)
                 if needs_real:
