@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from core.testing.ddp import free_port  # noqa: E402
+
 QUICKSTART = REPO / "zoo" / "quickstart.toml"
 
 #: name -> keyword arguments of ``DistributedDataParallel`` (Accelerate's kwargs handler).
@@ -40,7 +43,6 @@ def worker(out: Path, iterations: int, batch: int, variant: str) -> None:
     import torch
 
     torch.set_num_threads(1)
-    sys.path.insert(0, str(REPO))
     import core.train as train
     from core.recipe import load_recipe
 
@@ -78,18 +80,12 @@ def worker(out: Path, iterations: int, batch: int, variant: str) -> None:
     shutdown(0)
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(processes: int, iterations: int, batch: int, variant: str) -> float:
     """Seconds per iteration with ``processes`` processes."""
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "time.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-               "--master_addr", "127.0.0.1", "--master_port", str(_port()), __file__,
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), __file__,
                "--worker", str(out), "--iterations", str(iterations), "--batch", str(batch),
                "--variant", variant]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}

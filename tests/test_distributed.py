@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO
+from core.testing.ddp import free_port
 from test_training import assert_trained_alike, no_batch_stats_arch, sgd_optimizer  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -19,12 +19,6 @@ pytestmark = pytest.mark.slow
 SMALL = ["dataset.num_samples=256", "architecture.ch=8", "architecture.g_ch=8",
          "train.batch_size=8", "train.n_critic=2", "train.cpu=true", "log.progress=false",
          "log.sample_every=0", "checkpoint.every=0", "eval.every=0"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env() -> dict:
