@@ -56,8 +56,10 @@ def worker(out: Path, iterations: int, batch: int, variant: str) -> None:
                                kwargs_handlers=[DistributedDataParallelKwargs(**options)])
 
         train._accelerator = accelerator
+    from benchmarks.model import SPEED_MODEL
+
     recipe = load_recipe(QUICKSTART, [
-        "dataset.num_samples=2048", f"train.batch_size={batch}", "train.n_critic=5",
+        *SPEED_MODEL, "dataset.num_samples=2048", f"train.batch_size={batch}", "train.n_critic=5",
         "train.cpu=true", "log.progress=false", "log.sample_every=0", "checkpoint.every=0",
         "eval.every=0"])
     with tempfile.TemporaryDirectory() as folder:

@@ -27,6 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.model import SPEED_MODEL, SPEED_RECIPE  # noqa: E402
 from core.recipe import load_recipe  # noqa: E402
 from plugins.callbacks.spectral_monitor import SpectralMonitor, SpectralSection  # noqa: E402
 from core.train import build_trainer, make_accelerator  # noqa: E402
@@ -62,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
-        recipe = load_recipe(REPO / "zoo" / "quickstart.toml", [
-            f"architecture.ch={args.ch}", f"architecture.g_ch={args.g_ch}",
+        recipe = load_recipe(SPEED_RECIPE, [
+            *SPEED_MODEL, f"architecture.ch={args.ch}", f"architecture.g_ch={args.g_ch}",
             f"train.batch_size={args.batch}", f"train.n_critic={args.n_critic}",
             f"train.iterations={10**6}", f"train.cpu={'true' if args.cpu else 'false'}",
             "dataset.num_samples=2000", "log.progress=false", "discriminator.regularizer.name=sn"])

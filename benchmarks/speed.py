@@ -22,6 +22,15 @@ line, so that load from other processes on the machine cancels out:
   :func:`~plugins.architectures.blocks.upsample_before_shortcut_conv`); and the G step alone
   with D frozen against D's weight gradients computed.
 
+- ``overhead``: the framework's overhead (issue 15's target: <= 1.01x): the same iteration of the
+  quickstart model through the Trainer against :class:`benchmarks.gpu.BareLoop`, the bare loop
+  ``benchmarks/gpu.py`` measures the Trainer against, on networks built alike (same seed, same
+  initial weights, checked), the same data, loss, Adam, batch, n_critic, G batch and precision.
+  The recipe does not dequantize and runs one micro-batch, so neither loop does either; what the
+  bare loop leaves out, the ratio holds: the Trainer's learning-rate schedule, its latents drawn
+  from seeded CPU generators, its global-batch sampler, its ``train()`` calls and its read-back
+  of the two losses every iteration.
+
 - ``formats``: the same iteration with ``train.channels_last`` and with ``train.compile``
   (``--backend``, inductor by default), each against eager NCHW in the same run; the first
   compiled iterations (the compile itself) are timed apart.
@@ -36,10 +45,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable, ContextManager
 
@@ -48,46 +55,20 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.gpu import BareLoop  # noqa: E402
+from benchmarks.timing import alternating_ratio, timed  # noqa: E402
 from core.eval.runner import evaluate  # noqa: E402
 from core.interfaces import EvaluationContext  # noqa: E402
 from core.recipe import load_recipe  # noqa: E402
 from core.train import build_models, build_trainer, d_weight_gradients_in_g_step  # noqa: E402
 from plugins.architectures.blocks import upsample_before_shortcut_conv  # noqa: E402
 
-QUICKSTART = REPO / "zoo" / "quickstart.toml"
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], object]) -> float:
-    _sync()
-    start = time.perf_counter()
-    fn()
-    _sync()
-    return time.perf_counter() - start
-
-
-def alternating_ratio(new: Callable[[], object], old: Callable[[], object],
-                      repeats: int) -> tuple[float, float, float]:
-    """``(median of new/old per repeat, median new seconds, median old seconds)``; the order
-    within a repeat swaps every other repeat."""
-    ratios, t_new, t_old = [], [], []
-    for i in range(repeats):
-        if i % 2 == 0:
-            a, b = timed(new), timed(old)
-        else:
-            b, a = timed(old), timed(new)
-        t_new.append(a)
-        t_old.append(b)
-        ratios.append(a / b)
-    return statistics.median(ratios), statistics.median(t_new), statistics.median(t_old)
+from benchmarks.model import SPEED_MODEL, SPEED_RECIPE  # noqa: E402
 
 
 def quickstart(device: torch.device):
-    recipe = load_recipe(QUICKSTART)
+    """The benchmark model (:mod:`benchmarks.model`: the issue's quickstart model, 32x32)."""
+    recipe = load_recipe(SPEED_RECIPE, SPEED_MODEL)
     torch.manual_seed(recipe.seed)
     architecture, G, D, _, _ = build_models(recipe)
     return recipe, architecture, G.to(device), D.to(device)
@@ -177,8 +158,8 @@ def loop_trainer(args: argparse.Namespace, device: torch.device, folder: str,
     written but the run folder under ``folder``, in training mode."""
     from core.train import make_accelerator
 
-    recipe = load_recipe(QUICKSTART, [
-        "dataset.num_samples=2048", f"train.batch_size={args.batch}", "train.n_critic=5",
+    recipe = load_recipe(SPEED_RECIPE, [
+        *SPEED_MODEL, "dataset.num_samples=2048", f"train.batch_size={args.batch}", "train.n_critic=5",
         "log.progress=false", "log.sample_every=0", "checkpoint.every=0", "eval.every=0",
         f"train.cpu={'true' if device.type == 'cpu' else 'false'}", *extra])
     trainer = build_trainer(recipe, Path(folder) / name, make_accelerator(recipe), callbacks=[])
@@ -219,6 +200,36 @@ def iteration(args: argparse.Namespace, device: torch.device) -> str:
     return (f"iteration: quickstart model (resnet32 ch {recipe.architecture.config.ch}), batch "
             f"{args.batch}, n_critic 5, speed-ups on / off: " + "; ".join(lines)
             + f"; speed-up {1 / float(lines[0].split()[1][:-1]):.3f}x (median of {args.repeats})")
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Whether ``a`` and ``b`` hold equal parameters and buffers under the same names."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def overhead(args: argparse.Namespace, device: torch.device) -> str:
+    with tempfile.TemporaryDirectory() as folder:
+        recipe, trainer = loop_trainer(args, device, folder)
+        bare = BareLoop(recipe, trainer.dataset, trainer.acc.device)
+        same = (same_weights(trainer.unwrapped(trainer.G), bare.G)
+                and same_weights(trainer.unwrapped(trainer.D), bare.D))
+
+        def run(step: Callable[[], object]) -> Callable[[], None]:
+            return lambda: [step() for _ in range(args.steps)]
+
+        run(trainer.train_iteration)()  # warm-up, both loops
+        run(bare.iteration)()
+        ratio, t_trainer, t_bare = alternating_ratio(run(trainer.train_iteration),
+                                                     run(bare.iteration), args.repeats)
+        trainer.log.close()
+    a, size = recipe.architecture, trainer.architecture.resolution
+    return (f"overhead: quickstart model ({a.name} ch {a.config.ch} at {size}x{size}), batch "
+            f"{args.batch}, n_critic 5, Trainer / bare loop: {ratio:.3f}x "
+            f"({1e3 * t_trainer / args.steps:.0f} vs {1e3 * t_bare / args.steps:.0f} ms per "
+            f"iteration, median of {args.repeats}); initial weights "
+            f"{'identical' if same else 'DIFFER'}; the Trainer's lr schedule, seeded CPU latents, "
+            f"sampler and loss read-back are in the ratio")
 
 
 def formats(args: argparse.Namespace, device: torch.device) -> str:
@@ -266,6 +277,7 @@ MEASUREMENTS: list[tuple[str, Callable[[argparse.Namespace, torch.device], str]]
     ("eval_sharing", eval_sharing),
     ("g_shortcut", g_shortcut),
     ("iteration", iteration),
+    ("overhead", overhead),
     ("formats", formats),
     ("ema", ema),
 ]

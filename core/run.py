@@ -317,6 +317,10 @@ def shutdown(code: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["study"]:  # `specreg study STUDY.toml`
+        from core.study.__main__ import main as study
+
+        return study(argv[1:])
     if argv[:1] == ["plugins"]:  # `specreg plugins`
         argv = ["--list-plugins", *argv[1:]]
     args = parse_args(argv)

@@ -26,6 +26,8 @@ torch.set_num_threads(1)
 SMALL = [
     ("resnet32", dict(ch=8, g_ch=8)),
     ("resnet32", dict(ch=8, g_ch=8, num_classes=5)),
+    ("resnet32", dict(ch=8, g_ch=8, resolution=16)),
+    ("resnet32", dict(ch=8, g_ch=8, resolution=8)),
     ("resnet128", dict(ch=2, g_ch=2, num_classes=7)),
     ("resnet128", dict(ch=2, g_ch=2, num_classes=0)),
     ("resnet128", dict(ch=2, g_ch=2, num_classes=0, block="bsn")),
@@ -740,3 +742,19 @@ def test_standard_cnn_at_the_small_stacked_digits_sizes(resolution):
     assert D(images).shape == (3,)
     m = resolution // 8
     assert D.linear.weight.shape == (1, m * m * 32) and G.linear.out_features == m * m * 16
+
+
+@pytest.mark.parametrize("resolution, blocks", [(8, 1), (16, 2), (32, 3)])
+def test_resnet32_at_the_small_stacked_digits_sizes(resolution, blocks):
+    """resnet32 at 8 / 16 pixels: G has fewer GBlocks after the same 4x4 start; D is the
+    paper's 10 convolutions whatever the size (global sum pooling)."""
+    arch = ResNet32(ResNet32.Config(ch=4, g_ch=8, resolution=resolution))
+    G, D = arch.build_generator(), arch.build_discriminator()
+    assert arch.resolution == G.resolution == resolution and G.num_blocks == blocks
+    images = G(torch.randn(3, arch.z_dim))
+    assert images.shape == (3, 3, resolution, resolution)
+    assert D(images).shape == (3,)
+    convs = [n for n, m in D.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs == RESNET32_D_CONVS
+    with pytest.raises(ValueError, match="resolution"):
+        ResNet32.Config(resolution=64)

@@ -22,8 +22,9 @@ def test_dry_run_prints_the_plan():
     result = run_cli(["zoo/quickstart.toml", "--dry-run"])
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "resnet32" in out and "sn on 11 layers (10 conv, 1 linear)" in out
-    assert "global batch 32 = micro-batch 32 x 1 process(es) x 1 accumulation step(s)" in out
+    assert "resnet32" in out and "stacked_digits (8x8, unconditional)" in out
+    assert "D: none; G: none" in out and "loss          ns" in out
+    assert "global batch 64 = micro-batch 64 x 1 process(es) x 1 accumulation step(s)" in out
     assert "OK" in out
 
 

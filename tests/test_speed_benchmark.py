@@ -33,3 +33,15 @@ def test_loop_measurements_print_their_ratios(speed, capsys):
     assert len(ratios) == 3 and all(r > 0 for r in ratios)
     assert core.train._FREEZE_D_IN_G_STEP and blocks._SHORTCUT_CONV_FIRST
 
+
+
+def test_overhead_prints_the_trainer_over_the_bare_loop(speed, capsys):
+    assert speed.main(["--only", "overhead", "--repeats", "1", "--steps", "1", "--batch", "4",
+                       "--cpu"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("device cpu") and len(lines) == 2
+    assert lines[1].startswith("overhead: quickstart model (resnet32 ch ")
+    assert "), batch 4, n_critic 5, Trainer / bare loop: " in lines[1]
+    ratios = [float(r) for r in re.findall(r"(\d+\.\d+)x", lines[1])]
+    assert len(ratios) == 1 and ratios[0] > 0
+    assert "initial weights identical" in lines[1]

@@ -41,6 +41,8 @@ __all__ = ["ResNetGenerator", "ResNetDiscriminator", "ResNet32", "ResNet128"]
 
 #: spatial size of the generator's first feature map.
 BOTTOM_WIDTH = 4
+#: ``resnet32``'s image sizes: the paper's 32, and 16 / 8 for the small stacked digits.
+RESNET32_RESOLUTIONS = (8, 16, 32)
 #: ``resnet128``'s discriminator block variants: SN-GAN's (also the SR authors') and the BSSN
 #: authors'.
 D_BLOCKS = ("sngan", "bsn")
@@ -143,6 +145,10 @@ class ResNet32(_ResNet):
     sum, Linear(ch -> 1) without bias (SN-GAN ``snresnet_32.py``, SR ``dis.py``: ``nobias=True``):
     exactly 10 convolutions (layer_0..layer_9). With ``num_classes > 0`` G uses conditional BN
     and D adds the projection term.
+
+    ``resolution = 16`` or ``8`` (ours, for the small stacked digits; not a paper setting): G has
+    2 or 1 GBlocks after the same 4x4 start, D is unchanged (its global sum pooling takes any
+    size).
     """
 
     @attrs.define
@@ -156,14 +162,17 @@ class ResNet32(_ResNet):
         num_classes: int = attrs.field(default=0, validator=nonnegative_int)
         #: the generator's batch-normalization epsilon (the Chainer code's default, 2e-5).
         bn_eps: float = attrs.field(default=CHAINER_BN_EPS, validator=bn_eps_check)
+        #: image size: 32 (the paper's); 16 or 8 for the small stacked digits (fewer GBlocks).
+        resolution: int = attrs.field(default=32, validator=one_of(RESNET32_RESOLUTIONS))
 
     @property
     def resolution(self) -> int:
-        return 32
+        return self.config.resolution
 
     def build_generator(self) -> ResNetGenerator:
         c = self.config
-        return ResNetGenerator(c.z_dim, [c.g_ch] * 4, c.num_classes, c.bn_eps)
+        blocks = RESNET32_RESOLUTIONS.index(c.resolution) + 1  # 8: 1, 16: 2, 32: 3
+        return ResNetGenerator(c.z_dim, [c.g_ch] * (blocks + 1), c.num_classes, c.bn_eps)
 
     def build_discriminator(self) -> ResNetDiscriminator:
         ch = self.config.ch

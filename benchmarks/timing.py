@@ -1,0 +1,52 @@
+"""Timing shared by the benchmarks (issue 15): a wall-clock measurement that waits for the GPU,
+and the alternating comparison that cancels the load of other processes on the machine.
+
+    from benchmarks.timing import alternating_ratio, timed
+
+    ratio, t_new, t_old = alternating_ratio(new, old, repeats=7)
+
+:func:`alternating_ratio` runs ``new`` and ``old`` once per repeat, the order swapping every
+other repeat, and takes the ratio within each repeat: a slow spell of the machine slows both
+sides of a ratio, so the median ratio stays put where two separate medians of seconds would not.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+__all__ = ["sync", "timed", "alternating_ratio"]
+
+
+def sync() -> None:
+    """Wait for the GPU's queued work (nothing on a machine without CUDA)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds ``fn()`` takes, the GPU's queued work before and after it included."""
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def alternating_ratio(new: Callable[[], object], old: Callable[[], object],
+                      repeats: int) -> tuple[float, float, float]:
+    """``(median of new/old per repeat, median new seconds, median old seconds)``; the order
+    within a repeat swaps every other repeat."""
+    ratios, t_new, t_old = [], [], []
+    for i in range(repeats):
+        if i % 2 == 0:
+            a, b = timed(new), timed(old)
+        else:
+            b, a = timed(old), timed(new)
+        t_new.append(a)
+        t_old.append(b)
+        ratios.append(a / b)
+    return statistics.median(ratios), statistics.median(t_new), statistics.median(t_old)

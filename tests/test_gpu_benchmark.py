@@ -1,0 +1,49 @@
+"""benchmarks/gpu.py runs on the CPU with --tiny: a Markdown row per requested setting and mode,
+positive finite it/s and overhead ratios, and compiled skipped on the CPU with the reason."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+SETTINGS = ("resnet128", "resnet32")
+MEASURED = ("fp32", "bf16")
+
+
+def table_rows(out: str) -> dict[tuple[str, str], list[str]]:
+    """``(setting, mode) -> the row's cells`` of the printed Markdown table."""
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and cells[0].split()[0] in SETTINGS:
+            rows[(cells[0].split()[0], cells[1])] = cells
+    return rows
+
+
+@pytest.mark.slow
+def test_tiny_cpu_run_prints_a_row_per_setting_and_mode():
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(
+        [sys.executable, "benchmarks/gpu.py", "--tiny", "--cpu", "--settings", ",".join(SETTINGS),
+         "--iterations", "1", "--repeats", "2"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "| setting | mode | it/s Trainer | it/s bare |" in out
+    rows = table_rows(out)
+    assert set(rows) == {(s, m) for s in SETTINGS for m in (*MEASURED, "compiled")}, out
+    for setting in SETTINGS:
+        for mode in MEASURED:
+            cells = rows[(setting, mode)]
+            trainer, bare, overhead = (float(c) for c in cells[2:5])
+            for value in (trainer, bare, overhead):
+                assert math.isfinite(value) and value > 0, cells
+            assert "MiB peak RSS" in cells[5], cells
+        assert "skipped" in rows[(setting, "compiled")][5]
+    assert "- skipped: resnet128 compiled, resnet32 compiled: CPU:" in out

@@ -1,0 +1,215 @@
+"""``python -m core.study``: a small study (2 arms x 2 seeds) through the local executor and
+through submitit's debug executor, killed and resumed; its report against a direct computation
+from the runs' ``evaluations.jsonl``; malformed study files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from conftest import REPO
+
+TINY_RECIPE = """
+seed = 0
+[dataset]
+name = "stacked_digits"
+num_samples = 500
+resolution = 8
+[architecture]
+name = "cnn"
+resolution = 8
+ch = 4
+g_ch = 16
+[train]
+iterations = {iterations}
+batch_size = 8
+n_critic = 1
+[checkpoint]
+every = {every}
+[log]
+every = {every}
+sample_every = 0
+[callbacks.spectral]
+every = {every}
+plots = false
+[eval]
+every = {every}
+best = ""
+[[eval.metrics]]
+name = "modes"
+num_samples = 100
+"""
+
+STUDY = """
+description = "a tiny study"
+recipe = "tiny.toml"
+seeds = [0, 1]
+output_dir = "{out}"
+{extra}
+[arms.sn]
+set = ['discriminator.regularizer.name="sn"']
+[arms.plain]
+set = ['train.lr_d=1e-3']
+[compare]
+metrics = ["modes.modes", "modes.rejected"]
+iterations = {iterations}
+[collapse]
+metric = "modes.rejected"
+below = 2.0
+"""
+
+
+def write_study(tmp_path: Path, iterations: int = 6, every: int = 3, extra: str = "",
+                compare: str = "[]") -> Path:
+    (tmp_path / "tiny.toml").write_text(TINY_RECIPE.format(iterations=iterations, every=every))
+    path = tmp_path / "study.toml"
+    path.write_text(STUDY.format(out=tmp_path / "out", extra=extra, iterations=compare))
+    return path
+
+
+def study_cli(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "core.study", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600, **kwargs)
+
+
+RUNS = ["sn-seed0", "sn-seed1", "plain-seed0", "plain-seed1"]
+
+
+def evaluations(run_dir: Path) -> dict[tuple[str, int], float]:
+    """``(metric.value, iteration) -> value`` straight from the run's evaluations.jsonl."""
+    out = {}
+    for line in (run_dir / "evaluations.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        for k, v in r["values"].items():
+            out[(f"{r['metric']}.{k}", r["iteration"])] = float(v)
+    return out
+
+
+def check_report(folder: Path, iterations: list[int | None]) -> None:
+    """The report's summary.csv equals mean, std, t interval and Welch's p computed here."""
+    rows = list(csv.DictReader(open(folder / "report" / "summary.csv")))
+    evals = {run: evaluations(folder / run) for run in RUNS}
+    last = {run: max(i for _, i in e) for run, e in evals.items()}
+    assert len(rows) == 2 * len(iterations) * 2
+    for row in rows:
+        it = None if row["iteration"] == "last" else int(row["iteration"])
+        values = [evals[f"{row['arm']}-seed{s}"][(row["metric"], last[f"{row['arm']}-seed{s}"]
+                                                   if it is None else it)] for s in (0, 1)]
+        base = [evals[f"sn-seed{s}"][(row["metric"], last[f"sn-seed{s}"] if it is None else it)]
+                for s in (0, 1)]
+        assert int(row["n"]) == 2
+        assert float(row["mean"]) == pytest.approx(np.mean(values), abs=1e-12)
+        assert float(row["std"]) == pytest.approx(np.std(values, ddof=1), abs=1e-12)
+        half = stats.t.ppf(0.975, 1) * np.std(values, ddof=1) / math.sqrt(2)
+        assert float(row["ci_low"]) == pytest.approx(np.mean(values) - half, abs=1e-9)
+        p = float(row["p_vs_sn"])
+        if row["arm"] == "sn":
+            assert math.isnan(p)
+        elif np.std(values) > 0 or np.std(base) > 0:
+            assert p == pytest.approx(stats.ttest_ind(values, base, equal_var=False).pvalue)
+    report = (folder / "report" / "report.md").read_text()
+    assert "Welch's t-test" in report and "| sn | 2 of 2 |" in report  # rejected < 2: always
+    for png in ("modes_modes.png", "modes_rejected.png", "spectral_mass.png"):
+        assert (folder / "report" / png).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_a_killed_study_resumes_only_its_missing_runs_and_reports_them(tmp_path):
+    study = write_study(tmp_path, iterations=40, every=10, compare="[20, 40]")
+    folder = tmp_path / "out" / "study"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "core.study", str(study), "--jobs", "1"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.time() + 300
+    while not list((folder / "plain-seed0" / "checkpoints").glob("iter_*")):  # 2nd run going
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out
+    assert "[1/4] sn-seed0: done" in out and "plain-seed0: stopped" in out
+    assert not (folder / "sn-seed1").exists()
+    first = (folder / "sn-seed0" / "metrics.jsonl").read_bytes()
+
+    again = study_cli([str(study), "--jobs", "2"])
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "sn-seed0: finished, skipped" in again.stdout
+    assert "plain-seed0: resuming" in again.stdout
+    assert "sn-seed1: starting" in again.stdout and "plain-seed1: starting" in again.stdout
+    assert (folder / "sn-seed0" / "metrics.jsonl").read_bytes() == first  # left alone
+    log = (folder / "logs" / "plain-seed0.log").read_text()
+    assert "resuming" in log and "done: 40 iterations" in log
+    check_report(folder, [20, 40])
+
+    third = study_cli([str(study)])  # nothing left to do
+    assert third.returncode == 0 and third.stdout.count("finished, skipped") == 4
+
+
+@pytest.mark.slow
+def test_the_slurm_executor_runs_the_same_jobs_through_submitit_debug(tmp_path):
+    study = write_study(tmp_path, extra='executor = "slurm"\n[slurm]\ncluster = "debug"\n')
+    result = study_cli([str(study)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("submitted as job") == 4
+    folder = tmp_path / "out" / "study"
+    for run in RUNS:
+        assert (folder / run / "checkpoints" / "iter_0000006").is_dir()
+    assert (folder / "submitit").is_dir()
+    check_report(folder, [None])
+    redraw = study_cli([str(study), "--report", "--report-dir", str(tmp_path / "again")])
+    assert redraw.returncode == 0
+    assert (tmp_path / "again" / "summary.csv").read_text() == \
+        (folder / "report" / "summary.csv").read_text()
+
+
+BAD = {
+    "unknown key": ("seedz = [1]\n", "unknown key 'seedz' (did you mean 'seeds'?)"),
+    "wrong type": ('seeds = "0,1"\n', "seeds"),
+    "no arms": ("", "at least one arm"),
+    "bad arm override": ("[arms.a]\nset = ['train.n_critic=0']\n", "arms.a: --set train.n_critic=0"),
+    "missing recipe": ('[arms.a]\nrecipe = "nope.toml"\n', "arms.a.recipe: recipe file not found"),
+    "bad baseline": ('[arms.a]\n[compare]\nbaseline = "b"\n', "baseline 'b' is not an arm"),
+    "bad test": ('[arms.a]\n[compare]\ntest = "ttest"\n', "'welch', 'mannwhitney'"),
+    "bad metric key": ('[arms.a]\n[compare]\nmetrics = ["modes"]\n', "METRIC.VALUE"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_a_malformed_study_file_gets_one_line_per_problem(tmp_path, case):
+    body, expected = BAD[case]
+    (tmp_path / "tiny.toml").write_text(TINY_RECIPE.format(iterations=6, every=3))
+    path = tmp_path / "bad.toml"
+    path.write_text('recipe = "tiny.toml"\n' + body)
+    result = study_cli([str(path), "--plan"])
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert str(path) in result.stderr and expected in result.stderr, result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_study_extends_another_and_plans_one_folder_per_arm_and_seed(tmp_path):
+    write_study(tmp_path)
+    child = tmp_path / "child.toml"
+    child.write_text('extends = "study.toml"\nseeds = [3]\n[arms.third]\nset = ["train.lr_g=1e-3"]\n')
+    result = study_cli([str(child), "--plan"])
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["sn-seed3", "plain-seed3", "third-seed3"]
+    assert all(": new: " in line and "--set seed=3" in line for line in lines)
+    assert str(tmp_path / "out" / "child" / "third-seed3") in lines[2]
+    via_specreg = subprocess.run([sys.executable, "-m", "core.run", "study", str(child), "--plan"],
+                                 cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert via_specreg.returncode == 0 and via_specreg.stdout == result.stdout  # specreg study
