@@ -78,7 +78,11 @@ def write_study(tmp_path: Path, iterations: int = 6, every: int = 3, extra: str 
     return path
 
 
-def study_cli(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+def study_cli(args: list[str], top_set: list[str] = (), **kwargs) -> subprocess.CompletedProcess:
+    """``python -m core.study ARGS``; ``top_set``: a top-level ``set`` added to the study file."""
+    if top_set:
+        path = Path(args[0])
+        path.write_text(f"set = {list(top_set)!r}\n" + path.read_text())
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", "core.study", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600, **kwargs)
@@ -156,6 +160,8 @@ def test_a_killed_study_resumes_only_its_missing_runs_and_reports_them(tmp_path)
 
     third = study_cli([str(study)])  # nothing left to do
     assert third.returncode == 0 and third.stdout.count("finished, skipped") == 4
+    lengthen = study_cli([str(study), "--plan"], top_set=["train.iterations=60"])
+    assert lengthen.stdout.count(": interrupted: ") == 4 and "--resume" in lengthen.stdout
 
 
 @pytest.mark.slow

@@ -65,7 +65,7 @@ def plan_runs(loaded: LoadedStudy) -> list[StudyRun]:
     for seed in study.seeds:  # seed by seed: a study stopped early has whole seeds of every arm
         for arm, spec in study.arms.items():
             recipe_path = loaded.recipe_of(arm)
-            overrides = (f"seed={seed}", *spec.set)
+            overrides = (f"seed={seed}", *study.set, *spec.set)
             recipe = load_recipe(recipe_path, list(overrides))
             runs.append(StudyRun(arm=arm, seed=seed, recipe=recipe_path, overrides=overrides,
                                  folder=loaded.folder / f"{arm}-seed{seed}",

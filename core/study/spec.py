@@ -23,7 +23,8 @@ report compares. A TOML file validated like a recipe (one line per problem, exit
     drop = 0.5           # ... or below 0.5 x its best value so far
 
 ``extends = "other_study.toml"`` inherits another study file; ``set`` entries are ``--set``
-overrides (``KEY=VALUE``, the value read as TOML), applied after the seed (``seed=N``).
+overrides (``KEY=VALUE``, the value read as TOML), applied after the seed (``seed=N``): a
+top-level ``set`` to every arm, then the arm's own.
 """
 
 from __future__ import annotations
@@ -154,6 +155,9 @@ class Study:
     recipe: str = ""
     seeds: list[int] = attrs.field(factory=lambda: [0, 1, 2], validator=[
         _unique_ints, attrs.validators.min_len(1)])
+    #: ``--set`` overrides for every arm, applied before the arm's own (``train.iterations=1600``
+    #: lengthens every run: re-running the study resumes the finished ones to the new end).
+    set: list[str] = attrs.field(factory=list)
     #: the study folder is ``output_dir/NAME``; NAME = ``name`` or the study file's stem.
     output_dir: str = "runs/studies"
     name: str = ""
@@ -228,7 +232,7 @@ def load_study(path: str | Path, check_recipes: bool = True) -> LoadedStudy:
             continue
         if check_recipes:
             try:
-                load_recipe(recipe, [f"seed={study.seeds[0]}", *spec.set])
+                load_recipe(recipe, [f"seed={study.seeds[0]}", *study.set, *spec.set])
             except RecipeError as exc:
                 problems += [f"{where}: {p}" for p in exc.problems]
     if problems:
