@@ -15,3 +15,16 @@ class DataMissingError(SpecregError):
 
 class WeightsMissingError(SpecregError):
     """A network's weights file (e.g. Inception) is missing and cannot be downloaded."""
+
+
+def print_error(exc: SpecregError, what: str = "recipe") -> None:
+    """The command line's report of a user error on stderr: one line, or a count and one line
+    per problem when the error lists several (``exc.problems``; ``what`` names their file)."""
+    import sys
+
+    problems = getattr(exc, "problems", None)
+    if problems and len(problems) > 1:
+        print(f"specreg: error: {len(problems)} problems in the {what}:", file=sys.stderr)
+        print("\n".join(problems), file=sys.stderr)
+    else:
+        print(f"specreg: error: {exc}", file=sys.stderr)

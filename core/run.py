@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from core.errors import SpecregError
+from core.errors import SpecregError, print_error
 from core.run_folder import (RECIPE_FILE, RunFolderLocked, has_checkpoint, lock_run_folder,
                              runs_of_recipe, write_run_info)
 
@@ -337,12 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if _is_main_process() and interrupted:
             print(f"specreg: {exc}", file=sys.stderr)
         elif _is_main_process():
-            problems = getattr(exc, "problems", None)
-            if problems and len(problems) > 1:
-                print(f"specreg: error: {len(problems)} problems in the recipe:", file=sys.stderr)
-                print("\n".join(problems), file=sys.stderr)
-            else:
-                print(f"specreg: error: {exc}", file=sys.stderr)
+            print_error(exc, "recipe")
         code = exc.exit_code
     except KeyboardInterrupt:
         if _is_main_process():

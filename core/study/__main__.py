@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from core.errors import SpecregError
+from core.errors import SpecregError, print_error
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -72,12 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return study_main(args)
     except SpecregError as exc:
-        problems = getattr(exc, "problems", None)
-        if problems and len(problems) > 1:
-            print(f"specreg: error: {len(problems)} problems in the study:", file=sys.stderr)
-            print("\n".join(problems), file=sys.stderr)
-        else:
-            print(f"specreg: error: {exc}", file=sys.stderr)
+        print_error(exc, "study")
         return exc.exit_code
 
 
