@@ -131,7 +131,7 @@ def check_report(folder: Path, iterations: list[int | None]) -> None:
 
 @pytest.mark.slow
 def test_a_killed_study_resumes_only_its_missing_runs_and_reports_them(tmp_path):
-    study = write_study(tmp_path, iterations=40, every=10, compare="[20, 40]")
+    study = write_study(tmp_path, iterations=20, every=5, compare="[10, 20]")
     folder = tmp_path / "out" / "study"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "core.study", str(study), "--jobs", "1"],
@@ -155,8 +155,8 @@ def test_a_killed_study_resumes_only_its_missing_runs_and_reports_them(tmp_path)
     assert "sn-seed1: starting" in again.stdout and "plain-seed1: starting" in again.stdout
     assert (folder / "sn-seed0" / "metrics.jsonl").read_bytes() == first  # left alone
     log = (folder / "logs" / "plain-seed0.log").read_text()
-    assert "resuming" in log and "done: 40 iterations" in log
-    check_report(folder, [20, 40])
+    assert "resuming" in log and "done: 20 iterations" in log
+    check_report(folder, [10, 20])
 
     third = study_cli([str(study)])  # nothing left to do
     assert third.returncode == 0 and third.stdout.count("finished, skipped") == 4
@@ -195,15 +195,27 @@ BAD = {
 
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_a_malformed_study_file_gets_one_line_per_problem(tmp_path, case):
+    from core.study.spec import StudyError, load_study
+
     body, expected = BAD[case]
     (tmp_path / "tiny.toml").write_text(TINY_RECIPE.format(iterations=6, every=3))
     path = tmp_path / "bad.toml"
     path.write_text('recipe = "tiny.toml"\n' + body)
-    result = study_cli([str(path), "--plan"])
+    with pytest.raises(StudyError) as error:
+        load_study(path)
+    assert all(line.startswith(str(path)) for line in error.value.problems)
+    assert any(expected in line for line in error.value.problems), error.value.problems
+
+
+def test_the_study_command_reports_problems_without_a_traceback(tmp_path):
+    (tmp_path / "tiny.toml").write_text(TINY_RECIPE.format(iterations=6, every=3))
+    path = tmp_path / "bad.toml"
+    path.write_text('recipe = "tiny.toml"\nseedz = [1]\n[arms.a]\n[compare]\ntest = "t"\n')
+    result = study_cli([str(path)])
     assert result.returncode == 2, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr
-    assert str(path) in result.stderr and expected in result.stderr, result.stderr
-    assert not (tmp_path / "runs").exists()
+    assert "Traceback" not in result.stderr and "2 problems in the study" in result.stderr
+    assert f"{path}: unknown key 'seedz'" in result.stderr and "test" in result.stderr
+    assert not (tmp_path / "runs").exists() and not (REPO / "runs" / "studies" / "bad").exists()
 
 
 def test_a_study_extends_another_and_plans_one_folder_per_arm_and_seed(tmp_path):
