@@ -159,7 +159,8 @@ def loop_trainer(args: argparse.Namespace, device: torch.device, folder: str,
     from core.train import make_accelerator
 
     recipe = load_recipe(SPEED_RECIPE, [
-        *SPEED_MODEL, "dataset.num_samples=2048", f"train.batch_size={args.batch}", "train.n_critic=5",
+        *SPEED_MODEL, "dataset.num_samples=2048", f"train.batch_size={args.batch}",
+        "train.n_critic=5",
         "log.progress=false", "log.sample_every=0", "checkpoint.every=0", "eval.every=0",
         f"train.cpu={'true' if device.type == 'cpu' else 'false'}", *extra])
     trainer = build_trainer(recipe, Path(folder) / name, make_accelerator(recipe), callbacks=[])

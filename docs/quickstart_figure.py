@@ -52,8 +52,8 @@ def main() -> None:
     classifier = load_digit_classifier(recipe.data_root)
     rows = [("real", real)] + [(f"{path.name}", fake[i * args.count:(i + 1) * args.count])
                                for i in range(3)]
-    fig, axes = plt.subplots(len(rows), 4 * args.count, figsize=(args.count * 2.4, len(rows) * 0.75),
-                             dpi=110)
+    fig, axes = plt.subplots(len(rows), 4 * args.count, dpi=110,
+                             figsize=(args.count * 2.4, len(rows) * 0.75))
     for r, (name, images) in enumerate(rows):
         digits, accepted = classifier.classify_images(images)
         for i, image in enumerate(images):

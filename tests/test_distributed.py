@@ -82,7 +82,7 @@ def test_ddp_with_accumulation_equals_one_big_batch_in_one_process(tmp_path, mon
     from test_training import state_of
 
     overrides = [*SMALL, "train.iterations=3", f"architecture.name={no_batch_stats_arch}",
-                 "train.batch_size=16", "discriminator.regularizer.name=sr_static",
+                 "dataset.resolution=32", "train.batch_size=16", "discriminator.regularizer.name=sr_static",
                  "discriminator.regularizer.every=1"]
     recipe = load_recipe(REPO / "zoo" / "quickstart.toml", overrides)
     monkeypatch.setattr(Trainer, "build_optimizer", sgd_optimizer)  # see sgd_optimizer

@@ -1,5 +1,5 @@
 """benchmarks/gpu.py runs on the CPU with --tiny: a Markdown row per requested setting and mode,
-positive finite it/s and overhead ratios, and compiled skipped on the CPU with the reason."""
+positive finite it/s and overhead ratios."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ import pytest
 from conftest import REPO
 
 SETTINGS = ("resnet128", "resnet32")
-MEASURED = ("fp32", "bf16")
+#: one measured mode keeps the test at two processes (each row runs in its own); bf16 takes the
+#: autocast path on top of everything fp32 does.
+MEASURED = ("bf16",)
 
 
 def table_rows(out: str) -> dict[tuple[str, str], list[str]]:
@@ -31,13 +33,13 @@ def test_tiny_cpu_run_prints_a_row_per_setting_and_mode():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(
         [sys.executable, "benchmarks/gpu.py", "--tiny", "--cpu", "--settings", ",".join(SETTINGS),
-         "--iterations", "1", "--repeats", "2"],
+         "--iterations", "1", "--repeats", "2", "--modes", ",".join(MEASURED)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     assert "| setting | mode | it/s Trainer | it/s bare |" in out
     rows = table_rows(out)
-    assert set(rows) == {(s, m) for s in SETTINGS for m in (*MEASURED, "compiled")}, out
+    assert set(rows) == {(s, m) for s in SETTINGS for m in MEASURED}, out
     for setting in SETTINGS:
         for mode in MEASURED:
             cells = rows[(setting, mode)]
@@ -45,5 +47,3 @@ def test_tiny_cpu_run_prints_a_row_per_setting_and_mode():
             for value in (trainer, bare, overhead):
                 assert math.isfinite(value) and value > 0, cells
             assert "MiB peak RSS" in cells[5], cells
-        assert "skipped" in rows[(setting, "compiled")][5]
-    assert "- skipped: resnet128 compiled, resnet32 compiled: CPU:" in out

@@ -135,9 +135,9 @@ def run_local(loaded: LoadedStudy, runs: list[StudyRun], jobs: int, say: Say = p
 
 
 def _submitit_executor(submitit, s, folder: Path, name: str):
-    """submitit's executor for ``s.cluster`` with the study's job parameters. Chosen here rather
-    than by ``submitit.AutoExecutor``, whose plugin lookup imports ``pkg_resources`` (gone from
-    recent setuptools)."""
+    """submitit's executor for ``s.cluster`` with the study's job parameters, named in the
+    executor's own terms (``time``, ``partition``, ...). (submitit >= 1.5.4: older releases
+    import ``pkg_resources``, which setuptools >= 81 no longer has, in every job.)"""
     if s.cluster == "debug":  # runs each job in this process when its result is asked for
         return submitit.DebugExecutor(folder=str(folder))
     if s.cluster == "local":  # one subprocess per job on this machine
@@ -185,7 +185,8 @@ def run_slurm(loaded: LoadedStudy, runs: list[StudyRun], say: Say = print) -> in
             code = job.result()
         except Exception as exc:  # noqa: BLE001 - a job that died is reported, not raised
             code = 1
-            say(f"{run.name}: job {job.job_id} failed: {str(exc).splitlines()[0] if str(exc) else exc}")
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            say(f"{run.name}: job {job.job_id} failed: {first}")
         failed += code != 0
         say(f"[{i}/{len(submitted)}] {run.name}: {_outcome(code)}" +
             (f"; see {run.log_file}" if code else ""))

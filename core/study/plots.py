@@ -29,11 +29,13 @@ def _band(series: list[dict[int, float]]) -> tuple[np.ndarray, np.ndarray, np.nd
 
 def _draw(ax, loaded: LoadedStudy, results: list[RunResults], series_of, alarms: bool) -> None:
     colors = {arm: f"C{i}" for i, arm in enumerate(loaded.study.arms)}
-    for arm in loaded.study.arms:
+    styles = {arm: ("-", "--", ":", "-.")[i % 4] for i, arm in enumerate(loaded.study.arms)}
+    for arm in loaded.study.arms:  # line styles differ: arms that trained alike stay visible
         runs = [r for r in results if r.run.arm == arm and series_of(r)]
         x, mean, low, high = _band([series_of(r) for r in runs])
         if len(x):
-            ax.plot(x, mean, color=colors[arm], label=f"{arm} (n={len(runs)})")
+            ax.plot(x, mean, color=colors[arm], linestyle=styles[arm],
+                    label=f"{arm} (n={len(runs)})")
             ax.fill_between(x, low, high, color=colors[arm], alpha=0.2, linewidth=0)
         if alarms:
             for r in runs:
@@ -43,7 +45,8 @@ def _draw(ax, loaded: LoadedStudy, results: list[RunResults], series_of, alarms:
                     ax.plot(*zip(*marks), "x", color=colors[arm], markersize=8, mew=2)
     ax.grid(alpha=0.3)
     ax.set_xlabel("iteration")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # nothing recorded yet: no legend
+        ax.legend(fontsize=8)
 
 
 def draw_plots(loaded: LoadedStudy, results: list[RunResults], out: Path) -> list[Path]:
