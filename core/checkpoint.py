@@ -675,8 +675,9 @@ def load_models(checkpoint: Path, models: dict[str, torch.nn.Module],
 def _check_shapes(checkpoint: Path, key: str, state: dict[str, torch.Tensor],
                   model: torch.nn.Module) -> None:
     expected = model.state_dict()
-    wrong = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items()
-             if k in expected and v.shape != expected[k].shape]
+    # in the network's own order (the first layer first): a loaded file's key order is not fixed
+    wrong = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items()
+             if k in state and state[k].shape != v.shape]
     if wrong:
         name, saved, wanted = wrong[0]
         raise CheckpointError(
