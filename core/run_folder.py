@@ -115,6 +115,24 @@ def lock_run_folder(run_dir: Path) -> None:
     _HELD[key] = fd  # closed (and the lock released) when the process ends
 
 
+def is_locked(run_dir: Path) -> bool:
+    """Whether a live process holds the folder's lock (:func:`lock_run_folder`); the kernel drops
+    a dead process's lock, so a stale ``.lock`` file reads as free."""
+    import fcntl
+
+    path = Path(run_dir) / LOCK_FILE
+    if not path.is_file():
+        return False
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the lock this probe may have taken
+    return False
+
+
 def newest_finite_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint of ``run_dir`` that verifies and whose weights are all finite."""
     import torch

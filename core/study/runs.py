@@ -10,14 +10,13 @@ that trains it, and its state, which decides what re-running the study does:
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from pathlib import Path
 
 import attrs
 
-from core.run_folder import LOCK_FILE, RECIPE_FILE, has_checkpoint
+from core.run_folder import RECIPE_FILE, has_checkpoint, is_locked
 from core.study.spec import LoadedStudy
 
 __all__ = ["StudyRun", "plan_runs", "run_state"]
@@ -74,23 +73,6 @@ def plan_runs(loaded: LoadedStudy) -> list[StudyRun]:
     return runs
 
 
-def _locked(folder: Path) -> bool:
-    """Whether a live process holds the run folder's lock (a dead one's lock is free)."""
-    import fcntl
-
-    path = folder / LOCK_FILE
-    if not path.is_file():
-        return False
-    fd = os.open(path, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing drops the lock we may have taken
-    return False
-
-
 def finished(run: StudyRun) -> bool:
     from core.checkpoint import checkpoint_name
 
@@ -101,7 +83,7 @@ def run_state(run: StudyRun) -> str:
     """One of :data:`STATES` (see the module docstring)."""
     if not run.folder.is_dir():
         return "new"
-    if _locked(run.folder):
+    if is_locked(run.folder):
         return "running"
     if finished(run):
         return "finished"
