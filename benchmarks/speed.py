@@ -29,7 +29,9 @@ line, so that load from other processes on the machine cancels out:
   The recipe does not dequantize and runs one micro-batch, so neither loop does either; what the
   bare loop leaves out, the ratio holds: the Trainer's learning-rate schedule, its latents drawn
   from seeded CPU generators, its global-batch sampler, its ``train()`` calls and its read-back
-  of the two losses every iteration.
+  of the two losses every iteration. The same run measures a control, the bare loop against a
+  second bare loop built alike: its ratio is 1 but for the machine's noise, which it shows
+  (``--overhead-repeats``, default 3 x ``--repeats``, one iteration of each loop per repeat).
 
 - ``formats``: the same iteration with ``train.channels_last`` and with ``train.compile``
   (``--backend``, inductor by default), each against eager NCHW in the same run; the first
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -56,7 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.gpu import BareLoop  # noqa: E402
-from benchmarks.timing import alternating_ratio, timed  # noqa: E402
+from benchmarks.timing import alternating_ratio, alternating_ratios, quartiles, timed  # noqa: E402
 from core.eval.runner import evaluate  # noqa: E402
 from core.interfaces import EvaluationContext  # noqa: E402
 from core.recipe import load_recipe  # noqa: E402
@@ -210,25 +213,31 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 def overhead(args: argparse.Namespace, device: torch.device) -> str:
+    """Trainer / bare loop, one iteration of each per repeat (many short alternations hold a
+    slow spell of the machine inside one repeat), beside a control in the same run: the bare loop
+    against a second bare loop built alike, whose ratio is 1 up to the measurement's noise."""
+    repeats = args.overhead_repeats or 3 * args.repeats
     with tempfile.TemporaryDirectory() as folder:
         recipe, trainer = loop_trainer(args, device, folder)
         bare = BareLoop(recipe, trainer.dataset, trainer.acc.device)
+        control = BareLoop(recipe, trainer.dataset, trainer.acc.device)
         same = (same_weights(trainer.unwrapped(trainer.G), bare.G)
                 and same_weights(trainer.unwrapped(trainer.D), bare.D))
 
-        def run(step: Callable[[], object]) -> Callable[[], None]:
-            return lambda: [step() for _ in range(args.steps)]
-
-        run(trainer.train_iteration)()  # warm-up, both loops
-        run(bare.iteration)()
-        ratio, t_trainer, t_bare = alternating_ratio(run(trainer.train_iteration),
-                                                     run(bare.iteration), args.repeats)
+        for step in (trainer.train_iteration, bare.iteration, control.iteration):
+            step()  # warm-up, every loop
+        ratios, t_trainer, t_bare = alternating_ratios(trainer.train_iteration, bare.iteration,
+                                                       repeats)
+        noise, _, _ = alternating_ratios(control.iteration, bare.iteration, repeats)
         trainer.log.close()
     a, size = recipe.architecture, trainer.architecture.resolution
+    (q1, q3), (n1, n3) = quartiles(ratios), quartiles(noise)
+    ms = lambda seconds: 1e3 * statistics.median(seconds)  # noqa: E731
     return (f"overhead: quickstart model ({a.name} ch {a.config.ch} at {size}x{size}), batch "
-            f"{args.batch}, n_critic 5, Trainer / bare loop: {ratio:.3f}x "
-            f"({1e3 * t_trainer / args.steps:.0f} vs {1e3 * t_bare / args.steps:.0f} ms per "
-            f"iteration, median of {args.repeats}); initial weights "
+            f"{args.batch}, n_critic 5, Trainer / bare loop: {statistics.median(ratios):.3f}x "
+            f"(quartiles {q1:.3f}-{q3:.3f}; {ms(t_trainer):.0f} vs {ms(t_bare):.0f} ms per "
+            f"iteration, median of {repeats}); control, bare loop / a second bare loop: "
+            f"{statistics.median(noise):.3f}x (quartiles {n1:.3f}-{n3:.3f}); initial weights "
             f"{'identical' if same else 'DIFFER'}; the Trainer's lr schedule, seeded CPU latents, "
             f"sampler and loss read-back are in the ratio")
 
@@ -287,6 +296,8 @@ MEASUREMENTS: list[tuple[str, Callable[[argparse.Namespace, torch.device], str]]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=7, help="alternating repeats (>= 5)")
+    parser.add_argument("--overhead-repeats", type=int, default=None,
+                        help="alternating repeats of overhead (default 3 x --repeats)")
     parser.add_argument("--batch", type=int, default=64, help="G batch size")
     parser.add_argument("--steps", type=int, default=5, help="G forwards / steps per repeat")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")

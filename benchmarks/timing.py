@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["sync", "timed", "alternating_ratio"]
+__all__ = ["sync", "timed", "alternating_ratio", "alternating_ratios", "quartiles"]
 
 
 def sync() -> None:
@@ -36,10 +36,10 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def alternating_ratio(new: Callable[[], object], old: Callable[[], object],
-                      repeats: int) -> tuple[float, float, float]:
-    """``(median of new/old per repeat, median new seconds, median old seconds)``; the order
-    within a repeat swaps every other repeat."""
+def alternating_ratios(new: Callable[[], object], old: Callable[[], object], repeats: int
+                       ) -> tuple[list[float], list[float], list[float]]:
+    """Per repeat: ``(new/old ratios, new seconds, old seconds)``; the order within a repeat
+    swaps every other repeat."""
     ratios, t_new, t_old = [], [], []
     for i in range(repeats):
         if i % 2 == 0:
@@ -49,4 +49,20 @@ def alternating_ratio(new: Callable[[], object], old: Callable[[], object],
         t_new.append(a)
         t_old.append(b)
         ratios.append(a / b)
+    return ratios, t_new, t_old
+
+
+def alternating_ratio(new: Callable[[], object], old: Callable[[], object],
+                      repeats: int) -> tuple[float, float, float]:
+    """``(median of new/old per repeat, median new seconds, median old seconds)``; the order
+    within a repeat swaps every other repeat."""
+    ratios, t_new, t_old = alternating_ratios(new, old, repeats)
     return statistics.median(ratios), statistics.median(t_new), statistics.median(t_old)
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    """The first and third quartiles of ``values`` (both the one value when there is one)."""
+    if len(values) < 2:
+        return values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3

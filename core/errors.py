@@ -28,3 +28,20 @@ def print_error(exc: SpecregError, what: str = "recipe") -> None:
         print("\n".join(problems), file=sys.stderr)
     else:
         print(f"specreg: error: {exc}", file=sys.stderr)
+
+
+#: exit status of a command whose reader closed its standard output (128 + SIGPIPE, as a shell
+#: reports a tool that ``head`` stopped).
+BROKEN_PIPE_EXIT = 141
+
+
+def quiet_broken_pipe() -> int:
+    """After :class:`BrokenPipeError` on standard output (``specreg study S.toml --plan | head``):
+    point stdout at /dev/null so that the interpreter's final flush cannot raise again, and return
+    :data:`BROKEN_PIPE_EXIT` (the Python documentation's recipe for SIGPIPE)."""
+    import os
+    import sys
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return BROKEN_PIPE_EXIT

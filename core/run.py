@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from core.errors import SpecregError, print_error
+from core.errors import SpecregError, print_error, quiet_broken_pipe
 from core.run_folder import (RECIPE_FILE, RunFolderLocked, has_checkpoint, lock_run_folder,
                              runs_of_recipe, write_run_info)
 
@@ -331,6 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             code = print_plugins()
         else:
             code = train(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
     except SpecregError as exc:
         train_module = sys.modules.get("core.train")
         interrupted = train_module is not None and isinstance(exc, train_module.RunInterrupted)
@@ -348,6 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("specreg: interrupted (no checkpoint was written: nothing to resume)",
                       file=sys.stderr)
         code = 130
+    except BrokenPipeError:  # `specreg plugins | head`: the reader went away
+        code = quiet_broken_pipe()
     except OSError as exc:  # a full disk or a read-only folder anywhere in the run: one line
         from core.checkpoint import storage_failure
 

@@ -55,6 +55,7 @@ from accelerate.utils import LoggerType
 
 from core.checkpoint import storage_failure, write_atomic_text
 from core.errors import SpecregError
+from core.records import read_records
 
 __all__ = ["DEFAULT_TRACKERS", "JsonlTracker", "RunLog", "TrackerUnavailableError",
            "check_trackers", "read_log"]
@@ -291,8 +292,5 @@ def _json_default(value: Any) -> Any:
 
 def read_log(run_dir: Path, event: str | None = None) -> list[dict[str, Any]]:
     """The records of a run's metrics log (optionally one event kind)."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = read_records(Path(run_dir) / METRICS_FILE)
     return [r for r in records if event is None or r.get("event") == event]

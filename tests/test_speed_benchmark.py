@@ -43,5 +43,7 @@ def test_overhead_prints_the_trainer_over_the_bare_loop(speed, capsys):
     assert lines[1].startswith("overhead: quickstart model (resnet32 ch ")
     assert "), batch 4, n_critic 5, Trainer / bare loop: " in lines[1]
     ratios = [float(r) for r in re.findall(r"(\d+\.\d+)x", lines[1])]
-    assert len(ratios) == 1 and ratios[0] > 0
+    assert len(ratios) == 2 and all(r > 0 for r in ratios)  # Trainer / bare, control
+    assert "control, bare loop / a second bare loop: " in lines[1]
+    assert "median of 3)" in lines[1]  # 3 x --repeats alternations by default
     assert "initial weights identical" in lines[1]

@@ -230,3 +230,21 @@ def test_a_study_extends_another_and_plans_one_folder_per_arm_and_seed(tmp_path)
     runs = plan_runs(load_study(child))
     assert [r.name for r in runs] == ["sn-seed3", "plain-seed3", "third-seed3"]
     assert runs[2].overrides == ("seed=3", "train.lr_g=1e-3")
+
+
+@pytest.mark.parametrize("command", [["core.study", "STUDY", "--plan"], ["core.run", "plugins"]])
+def test_a_listing_piped_into_a_reader_that_left_ends_quietly(tmp_path, command):
+    """``specreg study S.toml --plan | head``, ``specreg plugins | head``: the reader has gone
+    before the first line is written; the command stops with the shell's status for SIGPIPE
+    (141), no traceback."""
+    study = write_study(tmp_path)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", *[str(study) if a == "STUDY" else a for a in command]],
+            cwd=REPO, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141, result.stderr
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr

@@ -303,3 +303,21 @@ def test_a_short_quickstart_run_writes_metrics_and_tensorboard(tmp_path):
     (line,) = out.stderr.strip().splitlines()
     assert "pip install" in line and f"'{missing}'" in line
     assert not (tmp_path / "x").exists()
+
+
+def test_records_cut_short_or_not_objects_are_skipped_by_every_reader(tmp_path):
+    """One reader (core.records.read_records) behind the metrics log, the spectral history and
+    the study's results: a line cut short by a killed process, or not a JSON object, is
+    skipped; the others come back in order."""
+    from core.records import read_records
+    from core.spectral.history import read_metrics
+    from core.tracking import read_log
+
+    lines = ['{"event": "train", "iteration": 1}', '[1, 2]', '',
+             '{"event": "eval", "iteration": 2}', '{"event": "train", "itera']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
+    expected = [{"event": "train", "iteration": 1}, {"event": "eval", "iteration": 2}]
+    assert read_records(tmp_path / "metrics.jsonl") == expected
+    assert read_metrics(tmp_path) == expected and read_log(tmp_path) == expected
+    assert read_log(tmp_path, "eval") == expected[1:]
+    assert read_records(tmp_path / "missing.jsonl") == []

@@ -13,7 +13,6 @@ is being written (an incomplete last log line is skipped)::
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -24,24 +23,15 @@ import numpy as np
 from core.errors import SpecregError
 from core.spectral.summary import LayerInfo, summarize
 from core.spectral.store import FILENAME, layers_of, read_spectra
+from core.records import read_records
 
 __all__ = ["RunHistory", "read_metrics", "quality_series"]
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The records of ``RUN/metrics.jsonl``; lines that do not parse (a line being written) are
+    """The records of ``RUN/metrics.jsonl``; a line that does not parse (one being written) is
     skipped."""
-    path = Path(run_dir) / "metrics.jsonl"
-    out = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                out.append(record)
-    return out
+    return read_records(Path(run_dir) / "metrics.jsonl")
 
 
 def quality_series(records: list[dict[str, Any]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from core.errors import SpecregError, print_error
+from core.errors import SpecregError, print_error, quiet_broken_pipe
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -70,10 +70,14 @@ def study_main(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        return study_main(args)
+        code = study_main(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
     except SpecregError as exc:
         print_error(exc, "study")
         return exc.exit_code
+    except BrokenPipeError:  # the reader of --plan's lines went away
+        return quiet_broken_pipe()
 
 
 if __name__ == "__main__":

@@ -4,31 +4,15 @@ collapse alarms and regularizer switches (``alarm`` events)."""
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import attrs
 
 from core.study.runs import StudyRun
+from core.records import read_records
 
-__all__ = ["RunResults", "read_results", "read_jsonl"]
-
-
-def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """The records of a JSON-lines file; a line cut short by a killed process is skipped."""
-    if not path.is_file():
-        return
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            yield record
+__all__ = ["RunResults", "read_results"]
 
 
 @attrs.define
@@ -68,13 +52,13 @@ def _finite(value: Any) -> float:
 def read_results(run: StudyRun) -> RunResults:
     """The records of one run's folder (empty when it has not started)."""
     results = RunResults(run)
-    for record in read_jsonl(run.folder / "evaluations.jsonl"):
+    for record in read_records(run.folder / "evaluations.jsonl"):
         metric, iteration = record.get("metric"), record.get("iteration")
         if not isinstance(iteration, int):
             continue
         for name, value in (record.get("values") or {}).items():
             results.evaluations.setdefault(f"{metric}.{name}", {})[iteration] = _finite(value)
-    for record in read_jsonl(run.folder / "metrics.jsonl"):
+    for record in read_records(run.folder / "metrics.jsonl"):
         iteration = record.get("iteration")
         if record.get("event") == "spectral" and isinstance(iteration, int):
             masses = [_finite(v) for k, v in record.items() if k.endswith(".mass")]
