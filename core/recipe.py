@@ -726,7 +726,9 @@ def _leaves(data: dict, prefix: tuple[str, ...] = ()):
 
 
 def _assign(table: dict, origins: Origins, key_path: tuple[str, ...], value: Any, origin: str) -> None:
-    """Set ``table[key_path] = value``; a changed plugin ``name`` drops the table's other keys."""
+    """Set ``table[key_path] = value``; a changed plugin ``name`` (a ``name`` inside a table, as
+    ``[loss] name``) drops the table's other keys. A top-level ``name`` (a study's) is a plain
+    value."""
     node: Any = table
     for i, key in enumerate(key_path[:-1]):
         if isinstance(node, list):  # an array of tables: eval.metrics.0.num_samples
@@ -747,7 +749,7 @@ def _assign(table: dict, origins: Origins, key_path: tuple[str, ...], value: Any
     if isinstance(node.get(leaf), (dict, list)):  # a whole table replaced (--set train=5): the
         for p in [p for p in origins if p[: len(key_path)] == key_path]:  # error is this one's
             del origins[p]
-    if leaf == "name" and node.get("name") not in (None, value):
+    if leaf == "name" and len(key_path) > 1 and node.get("name") not in (None, value):
         for k in [k for k in node if k != "name"]:
             del node[k]
         prefix = key_path[:-1]

@@ -248,3 +248,24 @@ def test_a_listing_piped_into_a_reader_that_left_ends_quietly(tmp_path, command)
         os.close(write_end)
     assert result.returncode == 141, result.stderr
     assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
+
+
+def test_a_study_that_extends_another_can_rename_it(tmp_path):
+    """A top-level ``name`` is the study's name, not a plugin's: renaming the study in the child
+    keeps every inherited arm, seed and comparison (a plugin's changed ``name`` drops its table's
+    other keys; the study file's top level is no plugin table)."""
+    from core.study.runs import plan_runs
+    from core.study.spec import load_study
+
+    parent = write_study(tmp_path)
+    parent.write_text('name = "parent"\n' + parent.read_text())
+    child = tmp_path / "child.toml"
+    child.write_text('extends = "study.toml"\nname = "kid"\nset = ["train.lr_g=1e-3"]\n')
+    loaded = load_study(child)
+    assert loaded.study.name == "kid" and list(loaded.study.arms) == ["sn", "plain"]
+    assert loaded.study.seeds == [0, 1] and loaded.study.compare.metrics == ["modes.modes",
+                                                                              "modes.rejected"]
+    runs = plan_runs(loaded)
+    assert [r.name for r in runs] == ["sn-seed0", "plain-seed0", "sn-seed1", "plain-seed1"]
+    assert all(r.folder.parent == tmp_path / "out" / "kid" for r in runs)
+    assert runs[1].overrides == ("seed=0", "train.lr_g=1e-3", "train.lr_d=1e-3")
