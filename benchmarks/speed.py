@@ -40,6 +40,9 @@ line, so that load from other processes on the machine cancels out:
 - ``ema``: one update of the generator EMA (``[generator.ema]``, :mod:`core.ema`) against one G
   step of the quickstart model (issue 12's target: <= 1%).
 
+- ``ddp``: 2 gloo processes against one single-threaded process, :mod:`benchmarks.ddp` with
+  DDP's default settings (``benchmarks/ddp.py --variant ...`` measures the alternatives).
+
 Measurements are the entries of :data:`MEASUREMENTS`; each prints one line.
 """
 
@@ -282,6 +285,26 @@ def ema(args: argparse.Namespace, device: torch.device) -> str:
             f"{args.repeats})")
 
 
+def ddp(args: argparse.Namespace, device: torch.device) -> str:
+    """:mod:`benchmarks.ddp`'s comparison, default DDP settings: 2 gloo processes against one
+    single-threaded process on the same global batch, alternating, ``--ddp-repeats`` times."""
+    from benchmarks.ddp import launch
+
+    if device.type != "cpu":
+        return "ddp: skipped (gloo on the CPU; on GPUs use accelerate launch --multi_gpu)"
+    speedups, ones, twos = [], [], []
+    for repeat in range(args.ddp_repeats):
+        order = (1, 2) if repeat % 2 == 0 else (2, 1)
+        seconds = {n: launch(n, args.ddp_iterations, args.batch, "default") for n in order}
+        speedups.append(seconds[1] / seconds[2])
+        ones.append(seconds[1])
+        twos.append(seconds[2])
+    return (f"ddp: 2 gloo processes vs 1 single-threaded process (quickstart model, global batch "
+            f"{args.batch}, n_critic 5): speed-up {statistics.median(speedups):.3f}x "
+            f"({statistics.median(ones):.2f} s vs {statistics.median(twos):.2f} s per iteration, "
+            f"median of {args.ddp_repeats}; repeats {', '.join(f'{x:.3f}' for x in speedups)})")
+
+
 #: (name, measurement): each returns its one line.
 MEASUREMENTS: list[tuple[str, Callable[[argparse.Namespace, torch.device], str]]] = [
     ("eval_sharing", eval_sharing),
@@ -290,6 +313,7 @@ MEASUREMENTS: list[tuple[str, Callable[[argparse.Namespace, torch.device], str]]
     ("overhead", overhead),
     ("formats", formats),
     ("ema", ema),
+    ("ddp", ddp),
 ]
 
 
@@ -298,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7, help="alternating repeats (>= 5)")
     parser.add_argument("--overhead-repeats", type=int, default=None,
                         help="alternating repeats of overhead (default 3 x --repeats)")
+    parser.add_argument("--ddp-repeats", type=int, default=3, help="ddp: alternating repeats")
+    parser.add_argument("--ddp-iterations", type=int, default=4,
+                        help="ddp: timed iterations per launch")
     parser.add_argument("--batch", type=int, default=64, help="G batch size")
     parser.add_argument("--steps", type=int, default=5, help="G forwards / steps per repeat")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
