@@ -10,23 +10,27 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-__all__ = ["read_records"]
+__all__ = ["parsed_lines", "read_records"]
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file; a line that does not parse (one being written, or cut
-    short by a killed process) is skipped, and so is a line that is not a JSON object."""
+def parsed_lines(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(line, record)`` for each line of a JSON-lines file that parses to a JSON object; a line
+    that does not parse (one being written, or cut short by a killed process) or is not an object
+    is skipped. Nothing when the file does not exist."""
     path = Path(path)
     if not path.is_file():
-        return []
-    records = []
+        return
     for line in path.read_text().splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
         if isinstance(record, dict):
-            records.append(record)
-    return records
+            yield line, record
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (:func:`parsed_lines`)."""
+    return [record for _, record in parsed_lines(path)]

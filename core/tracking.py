@@ -55,7 +55,7 @@ from accelerate.utils import LoggerType
 
 from core.checkpoint import storage_failure, write_atomic_text
 from core.errors import SpecregError
-from core.records import read_records
+from core.records import parsed_lines, read_records
 
 __all__ = ["DEFAULT_TRACKERS", "JsonlTracker", "RunLog", "TrackerUnavailableError",
            "check_trackers", "read_log"]
@@ -122,14 +122,7 @@ def truncate_metrics(path: Path, iteration: int) -> None:
     path = Path(path)
     if not path.is_file():
         return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and record.get("iteration", 0) <= iteration:
-            kept.append(line)
+    kept = [line for line, record in parsed_lines(path) if record.get("iteration", 0) <= iteration]
     write_atomic_text(path, "".join(line + "\n" for line in kept))
 
 

@@ -269,3 +269,17 @@ def test_a_study_that_extends_another_can_rename_it(tmp_path):
     assert [r.name for r in runs] == ["sn-seed0", "plain-seed0", "sn-seed1", "plain-seed1"]
     assert all(r.folder.parent == tmp_path / "out" / "kid" for r in runs)
     assert runs[1].overrides == ("seed=0", "train.lr_g=1e-3", "train.lr_d=1e-3")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "zoo" / "studies").glob("*_study.toml")),
+                         ids=lambda p: p.name)
+def test_every_zoo_study_loads_and_reports_into_docs(path):
+    """The published studies' files load with every arm's recipe, and their reports go under
+    docs/ (README links them there)."""
+    from core.study.runs import plan_runs
+    from core.study.spec import load_study
+
+    loaded = load_study(path)
+    assert loaded.study.report_dir.startswith("docs/studies/")
+    runs = plan_runs(loaded)
+    assert len(runs) == len(loaded.study.arms) * len(loaded.study.seeds) >= 4 * 3
