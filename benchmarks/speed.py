@@ -287,11 +287,14 @@ def ema(args: argparse.Namespace, device: torch.device) -> str:
 
 def ddp(args: argparse.Namespace, device: torch.device) -> str:
     """:mod:`benchmarks.ddp`'s comparison, default DDP settings: 2 gloo processes against one
-    single-threaded process on the same global batch, alternating, ``--ddp-repeats`` times."""
+    single-threaded process on the same global batch, alternating, ``--ddp-repeats`` times after
+    one uncounted launch of each."""
     from benchmarks.ddp import launch
 
     if device.type != "cpu":
         return "ddp: skipped (gloo on the CPU; on GPUs use accelerate launch --multi_gpu)"
+    for n in (1, 2):  # warm-up launches (imports and files cold on the first), not counted
+        launch(n, 1, args.batch, "default")
     speedups, ones, twos = [], [], []
     for repeat in range(args.ddp_repeats):
         order = (1, 2) if repeat % 2 == 0 else (2, 1)
@@ -322,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7, help="alternating repeats (>= 5)")
     parser.add_argument("--overhead-repeats", type=int, default=None,
                         help="alternating repeats of overhead (default 3 x --repeats)")
-    parser.add_argument("--ddp-repeats", type=int, default=3, help="ddp: alternating repeats")
+    parser.add_argument("--ddp-repeats", type=int, default=5, help="ddp: alternating repeats")
     parser.add_argument("--ddp-iterations", type=int, default=4,
                         help="ddp: timed iterations per launch")
     parser.add_argument("--batch", type=int, default=64, help="G batch size")
