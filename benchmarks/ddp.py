@@ -99,6 +99,20 @@ def launch(processes: int, iterations: int, batch: int, variant: str) -> float:
         return record["seconds"]
 
 
+def compare(repeats: int, iterations: int, batch: int, variant: str
+            ) -> tuple[list[float], list[float], list[float]]:
+    """Per repeat: (speed-up, one process's seconds per iteration, two processes'), the two
+    launched alternately, the order swapping every other repeat."""
+    speedups, ones, twos = [], [], []
+    for repeat in range(repeats):
+        order = (1, 2) if repeat % 2 == 0 else (2, 1)
+        seconds = {n: launch(n, iterations, batch, variant) for n in order}
+        speedups.append(seconds[1] / seconds[2])
+        ones.append(seconds[1])
+        twos.append(seconds[2])
+    return speedups, ones, twos
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -114,13 +128,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.batch}, n_critic 5, {args.iterations} timed iterations, median of "
           f"{args.repeats}", flush=True)
     for variant in args.variant:
-        speedups, ones, twos = [], [], []
-        for repeat in range(args.repeats):
-            order = (1, 2) if repeat % 2 == 0 else (2, 1)
-            seconds = {n: launch(n, args.iterations, args.batch, variant) for n in order}
-            speedups.append(seconds[1] / seconds[2])
-            ones.append(seconds[1])
-            twos.append(seconds[2])
+        speedups, ones, twos = compare(args.repeats, args.iterations, args.batch, variant)
         print(f"{variant:20s} speed-up {statistics.median(speedups):.3f}x "
               f"({statistics.median(ones):.2f} s vs {statistics.median(twos):.2f} s per "
               f"iteration; repeats {', '.join(f'{s:.3f}' for s in speedups)})", flush=True)

@@ -289,19 +289,13 @@ def ddp(args: argparse.Namespace, device: torch.device) -> str:
     """:mod:`benchmarks.ddp`'s comparison, default DDP settings: 2 gloo processes against one
     single-threaded process on the same global batch, alternating, ``--ddp-repeats`` times after
     one uncounted launch of each."""
-    from benchmarks.ddp import launch
+    from benchmarks.ddp import compare, launch
 
     if device.type != "cpu":
         return "ddp: skipped (gloo on the CPU; on GPUs use accelerate launch --multi_gpu)"
     for n in (1, 2):  # warm-up launches (imports and files cold on the first), not counted
         launch(n, 1, args.batch, "default")
-    speedups, ones, twos = [], [], []
-    for repeat in range(args.ddp_repeats):
-        order = (1, 2) if repeat % 2 == 0 else (2, 1)
-        seconds = {n: launch(n, args.ddp_iterations, args.batch, "default") for n in order}
-        speedups.append(seconds[1] / seconds[2])
-        ones.append(seconds[1])
-        twos.append(seconds[2])
+    speedups, ones, twos = compare(args.ddp_repeats, args.ddp_iterations, args.batch, "default")
     return (f"ddp: 2 gloo processes vs 1 single-threaded process (quickstart model, global batch "
             f"{args.batch}, n_critic 5): speed-up {statistics.median(speedups):.3f}x "
             f"({statistics.median(ones):.2f} s vs {statistics.median(twos):.2f} s per iteration, "

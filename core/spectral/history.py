@@ -21,9 +21,9 @@ import attrs
 import numpy as np
 
 from core.errors import SpecregError
+from core.records import read_records
 from core.spectral.summary import LayerInfo, summarize
 from core.spectral.store import FILENAME, layers_of, read_spectra
-from core.records import read_records
 
 __all__ = ["RunHistory", "read_metrics", "quality_series"]
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import attrs
 
-from core.study.runs import StudyRun
 from core.records import read_records
+from core.study.runs import StudyRun
 
 __all__ = ["RunResults", "read_results"]
 
