@@ -1,6 +1,6 @@
 """Two gloo processes against one single-threaded process on the CPU (issue 15), in one run.
 
-    python benchmarks/ddp.py [--repeats 3] [--iterations 4] [--batch 64] [--variant NAME ...]
+    python benchmarks/ddp.py [--repeats 3] [--iterations 8] [--batch 64] [--variant NAME ...]
 
 Each repeat runs, alternately, one process and two DDP processes (``torch.distributed.run``,
 gloo, ``OMP_NUM_THREADS=1`` each) on the same global batch (the quickstart model, n_critic 5): the
@@ -116,7 +116,7 @@ def compare(repeats: int, iterations: int, batch: int, variant: str
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--iterations", type=int, default=4)
+    parser.add_argument("--iterations", type=int, default=8)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--variant", nargs="*", default=["default"], choices=list(VARIANTS))
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)

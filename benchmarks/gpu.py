@@ -178,13 +178,22 @@ class BareLoop:
     the Trainer builds them), Adam, loss, batch, n_critic, G batch, D forwards (joint or
     separate), precision and compile, in plain PyTorch: a shuffling DataLoader, latents drawn on
     the device, ``x / 128 - 1 + U(0, 1/128)`` where the recipe dequantizes, D's parameters frozen
-    in the G step, no read-back of the losses."""
+    in the G step, no read-back of the losses.
+
+    With ``trainer``, the loop drives that Trainer's own networks and (unwrapped) optimizers
+    instead of building its own: the two loops then differ in their code only, not in where
+    their tensors lie in memory (two instances of the same network can differ by a few percent
+    in speed on a CPU, which would pass for overhead)."""
 
     def __init__(self, recipe: Recipe, dataset: torch.utils.data.Dataset,
-                 device: torch.device) -> None:
+                 device: torch.device, trainer: Trainer | None = None) -> None:
         t = recipe.train
-        torch.manual_seed(recipe.seed)
-        self.architecture, G, D, d_regs, g_regs = build_networks(recipe)
+        if trainer is None:
+            torch.manual_seed(recipe.seed)
+            self.architecture, G, D, d_regs, g_regs = build_networks(recipe)
+        else:
+            self.architecture, d_regs, g_regs = trainer.architecture, trainer.d_regs, trainer.g_regs
+            G, D = trainer.unwrapped(trainer.G), trainer.unwrapped(trainer.D)
         if not all(_parametrization_only(r) for r in (*d_regs, *g_regs)):
             raise SystemExit("the bare loop runs regularizers' parametrizations only; this "
                              "recipe's regularizers also add penalties or act after steps")
@@ -192,11 +201,14 @@ class BareLoop:
         if getattr(self.loss, "needs_real_logits", False):
             raise SystemExit(f"the bare loop has no G step for loss {self.loss.name!r}")
         self.G, self.D = G.to(device).train(), D.to(device).train()
-        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=t.lr_g, betas=tuple(t.betas))
-        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=t.lr_d, betas=tuple(t.betas))
-        if t.compile:
-            compile_in_place(self.G, t.compile_backend)
-            compile_in_place(self.D, t.compile_backend)
+        if trainer is not None:  # the torch optimizers inside Accelerate's wrappers
+            self.opt_g, self.opt_d = trainer.opt_g.optimizer, trainer.opt_d.optimizer
+        else:
+            self.opt_g = torch.optim.Adam(self.G.parameters(), lr=t.lr_g, betas=tuple(t.betas))
+            self.opt_d = torch.optim.Adam(self.D.parameters(), lr=t.lr_d, betas=tuple(t.betas))
+            if t.compile:
+                compile_in_place(self.G, t.compile_backend)
+                compile_in_place(self.D, t.compile_backend)
         self.device, self.n_critic, self.batch = device, t.n_critic, t.batch_size
         self.g_batch = t.batch_size * t.g_batch_multiplier
         self.separate = t.d_forward == "separate"

@@ -24,14 +24,19 @@ line, so that load from other processes on the machine cancels out:
 
 - ``overhead``: the framework's overhead (issue 15's target: <= 1.01x): the same iteration of the
   quickstart model through the Trainer against :class:`benchmarks.gpu.BareLoop`, the bare loop
-  ``benchmarks/gpu.py`` measures the Trainer against, on networks built alike (same seed, same
-  initial weights, checked), the same data, loss, Adam, batch, n_critic, G batch and precision.
-  The recipe does not dequantize and runs one micro-batch, so neither loop does either; what the
-  bare loop leaves out, the ratio holds: the Trainer's learning-rate schedule, its latents drawn
-  from seeded CPU generators, its global-batch sampler, its ``train()`` calls and its read-back
-  of the two losses every iteration. The same run measures a control, the bare loop against a
-  second bare loop built alike: its ratio is 1 but for the machine's noise, which it shows
-  (``--overhead-repeats``, default 3 x ``--repeats``, one iteration of each loop per repeat).
+  ``benchmarks/gpu.py`` measures the Trainer against, here driving the Trainer's own networks and
+  optimizers (so that the two differ in their code only: two instances of one network can differ
+  by a few percent in speed on a CPU), on the same data, loss, batch, n_critic, G batch and
+  precision. The recipe does not dequantize and runs one micro-batch, so neither loop does
+  either; what the bare loop leaves out, the ratio holds: the Trainer's learning-rate schedule,
+  its latents drawn from seeded CPU generators, its global-batch sampler, its ``train()`` calls
+  and its read-back of the two losses every iteration. In the same repeats it measures a
+  control, the bare loop against a second bare loop on the same networks: its ratio is 1 but
+  for the machine's noise, which it shows (``--overhead-repeats``, default 3 x ``--repeats``,
+  one iteration of each loop per repeat, their order rotating). The overhead being a fixed cost
+  per iteration that the convolutions' noise hides at batch 64, the same three loops at batch 2
+  measure it in milliseconds (median difference per iteration, with the control's), also given
+  as a share of the batch-64 bare iteration.
 
 - ``formats``: the same iteration with ``train.channels_last`` and with ``train.compile``
   (``--backend``, inductor by default), each against eager NCHW in the same run; the first
@@ -62,7 +67,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.gpu import BareLoop  # noqa: E402
-from benchmarks.timing import alternating_ratio, alternating_ratios, quartiles, timed  # noqa: E402
+from benchmarks.timing import alternating_ratio, quartiles, rotating_times, timed  # noqa: E402
 from core.eval.runner import evaluate  # noqa: E402
 from core.interfaces import EvaluationContext  # noqa: E402
 from core.recipe import load_recipe  # noqa: E402
@@ -209,40 +214,59 @@ def iteration(args: argparse.Namespace, device: torch.device) -> str:
             + f"; speed-up {1 / float(lines[0].split()[1][:-1]):.3f}x (median of {args.repeats})")
 
 
-def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    """Whether ``a`` and ``b`` hold equal parameters and buffers under the same names."""
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+def loop_seconds(args: argparse.Namespace, device: torch.device, repeats: int,
+                 iterations: int = 1) -> tuple[object, dict[str, list[float]]]:
+    """(recipe, seconds per repeat of ``iterations`` iterations of the Trainer, the bare loop on
+    its networks and optimizers, and a second such bare loop), the three rotating
+    (:func:`benchmarks.timing.rotating_times`) after one warm-up iteration each."""
+    with tempfile.TemporaryDirectory() as folder:
+        recipe, trainer = loop_trainer(args, device, folder)
+        bare = BareLoop(recipe, trainer.dataset, trainer.acc.device, trainer)
+        control = BareLoop(recipe, trainer.dataset, trainer.acc.device, trainer)
+        loops = {"trainer": trainer.train_iteration, "bare": bare.iteration,
+                 "control": control.iteration}
+        for step in loops.values():
+            step()  # warm-up, every loop
+        seconds = rotating_times(
+            {name: (lambda step=step: [step() for _ in range(iterations)])
+             for name, step in loops.items()}, repeats)
+        trainer.log.close()
+    return recipe, {name: [t / iterations for t in times] for name, times in seconds.items()}
 
 
 def overhead(args: argparse.Namespace, device: torch.device) -> str:
-    """Trainer / bare loop, one iteration of each per repeat (many short alternations hold a
-    slow spell of the machine inside one repeat), beside a control in the same run: the bare loop
-    against a second bare loop built alike, whose ratio is 1 up to the measurement's noise."""
-    repeats = args.overhead_repeats or 3 * args.repeats
-    with tempfile.TemporaryDirectory() as folder:
-        recipe, trainer = loop_trainer(args, device, folder)
-        bare = BareLoop(recipe, trainer.dataset, trainer.acc.device)
-        control = BareLoop(recipe, trainer.dataset, trainer.acc.device)
-        same = (same_weights(trainer.unwrapped(trainer.G), bare.G)
-                and same_weights(trainer.unwrapped(trainer.D), bare.D))
+    """Trainer / bare loop on the same networks and optimizers (:class:`BareLoop` with the
+    Trainer's), one iteration of each per repeat (many short alternations hold a slow spell of
+    the machine inside one repeat); in the same repeats, a control: the bare loop against a
+    second bare loop on the same networks, whose ratio is 1 up to the measurement's noise.
 
-        for step in (trainer.train_iteration, bare.iteration, control.iteration):
-            step()  # warm-up, every loop
-        ratios, t_trainer, t_bare = alternating_ratios(trainer.train_iteration, bare.iteration,
-                                                       repeats)
-        noise, _, _ = alternating_ratios(control.iteration, bare.iteration, repeats)
-        trainer.log.close()
-    a, size = recipe.architecture, trainer.architecture.resolution
+    The overhead is a fixed cost per iteration (Python, Accelerate's wrappers), which the
+    convolutions' noise at batch ``--batch`` hides; the same loops at batch 2 (blocks of
+    ``--steps`` x 2 iterations) measure it in milliseconds, given as a share of the bare
+    iteration at ``--batch`` too."""
+    repeats = args.overhead_repeats or 3 * args.repeats
+    recipe, seconds = loop_seconds(args, device, repeats)
+    small = argparse.Namespace(**{**vars(args), "batch": 2})
+    _, fixed = loop_seconds(small, device, repeats, iterations=2 * args.steps)
+    ratios = [t / b for t, b in zip(seconds["trainer"], seconds["bare"])]
+    noise = [c / b for c, b in zip(seconds["control"], seconds["bare"])]
     (q1, q3), (n1, n3) = quartiles(ratios), quartiles(noise)
-    ms = lambda seconds: 1e3 * statistics.median(seconds)  # noqa: E731
+    ms = lambda times: 1e3 * statistics.median(times)  # noqa: E731
+    extra = ms([t - b for t, b in zip(fixed["trainer"], fixed["bare"])])
+    extra_control = ms([c - b for c, b in zip(fixed["control"], fixed["bare"])])
+    a = recipe.architecture
+    size = a.config.resolution
     return (f"overhead: quickstart model ({a.name} ch {a.config.ch} at {size}x{size}), batch "
             f"{args.batch}, n_critic 5, Trainer / bare loop: {statistics.median(ratios):.3f}x "
-            f"(quartiles {q1:.3f}-{q3:.3f}; {ms(t_trainer):.0f} vs {ms(t_bare):.0f} ms per "
-            f"iteration, median of {repeats}); control, bare loop / a second bare loop: "
-            f"{statistics.median(noise):.3f}x (quartiles {n1:.3f}-{n3:.3f}); initial weights "
-            f"{'identical' if same else 'DIFFER'}; the Trainer's lr schedule, seeded CPU latents, "
-            f"sampler and loss read-back are in the ratio")
+            f"(quartiles {q1:.3f}-{q3:.3f}; {ms(seconds['trainer']):.0f} vs "
+            f"{ms(seconds['bare']):.0f} ms per iteration, median of {repeats}); control, bare "
+            f"loop / a second bare loop: {statistics.median(noise):.3f}x (quartiles "
+            f"{n1:.3f}-{n3:.3f}); fixed cost at batch 2, Trainer - bare loop: {extra:.2f} ms "
+            f"per iteration ({ms(fixed['trainer']):.1f} vs {ms(fixed['bare']):.1f} ms; control "
+            f"{extra_control:+.2f} ms), i.e. {1 + extra / ms(seconds['bare']):.4f}x of the "
+            f"batch-{args.batch} iteration; both loops drive the same networks and optimizers; "
+            f"the Trainer's lr schedule, seeded CPU latents, sampler and loss read-back are in "
+            f"the ratio")
 
 
 def formats(args: argparse.Namespace, device: torch.device) -> str:
@@ -320,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overhead-repeats", type=int, default=None,
                         help="alternating repeats of overhead (default 3 x --repeats)")
     parser.add_argument("--ddp-repeats", type=int, default=5, help="ddp: alternating repeats")
-    parser.add_argument("--ddp-iterations", type=int, default=4,
+    parser.add_argument("--ddp-iterations", type=int, default=8,
                         help="ddp: timed iterations per launch")
     parser.add_argument("--batch", type=int, default=64, help="G batch size")
     parser.add_argument("--steps", type=int, default=5, help="G forwards / steps per repeat")

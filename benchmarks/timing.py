@@ -18,7 +18,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["sync", "timed", "alternating_ratio", "alternating_ratios", "quartiles"]
+__all__ = ["sync", "timed", "alternating_ratio", "alternating_ratios", "rotating_times",
+           "quartiles"]
 
 
 def sync() -> None:
@@ -58,6 +59,22 @@ def alternating_ratio(new: Callable[[], object], old: Callable[[], object],
     within a repeat swaps every other repeat."""
     ratios, t_new, t_old = alternating_ratios(new, old, repeats)
     return statistics.median(ratios), statistics.median(t_new), statistics.median(t_old)
+
+
+def rotating_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each of ``fns`` per repeat, all of them once per repeat, their order rotating
+    from repeat to repeat (with three: ABC, BCA, CAB, then reversed: CBA, ACB, BAC), so that
+    each runs in every place equally often."""
+    names = list(fns)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(repeats):
+        shift = i % len(names)
+        order = names[shift:] + names[:shift]
+        if (i // len(names)) % 2:
+            order.reverse()
+        for name in order:
+            seconds[name].append(timed(fns[name]))
+    return seconds
 
 
 def quartiles(values: list[float]) -> tuple[float, float]:

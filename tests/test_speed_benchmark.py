@@ -43,7 +43,41 @@ def test_overhead_prints_the_trainer_over_the_bare_loop(speed, capsys):
     assert lines[1].startswith("overhead: quickstart model (resnet32 ch ")
     assert "), batch 4, n_critic 5, Trainer / bare loop: " in lines[1]
     ratios = [float(r) for r in re.findall(r"(\d+\.\d+)x", lines[1])]
-    assert len(ratios) == 2 and all(r > 0 for r in ratios)  # Trainer / bare, control
+    # Trainer / bare, control, and the fixed cost at batch 2 as a share of the iteration
+    assert len(ratios) == 3 and all(r > 0 for r in ratios)
+    assert re.search(r"fixed cost at batch 2, Trainer - bare loop: -?\d+\.\d+ ms", lines[1])
     assert "control, bare loop / a second bare loop: " in lines[1]
     assert "median of 3)" in lines[1]  # 3 x --repeats alternations by default
-    assert "initial weights identical" in lines[1]
+    assert "both loops drive the same networks and optimizers" in lines[1]
+
+
+def test_rotating_times_runs_each_once_per_repeat_in_every_place():
+    from benchmarks.timing import rotating_times
+
+    calls: list[str] = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    seconds = rotating_times(fns, 6)
+    assert {name: len(times) for name, times in seconds.items()} == {"a": 6, "b": 6, "c": 6}
+    orders = ["".join(calls[i:i + 3]) for i in range(0, 18, 3)]
+    assert orders == ["abc", "bca", "cab", "cba", "acb", "bac"]
+    for name in "abc":  # each name runs first, second and third equally often
+        assert sorted(order.index(name) for order in orders) == [0, 0, 1, 1, 2, 2]
+
+
+def test_bare_loop_can_drive_the_trainers_networks(speed, tmp_path):
+    import argparse
+
+    import torch
+
+    from benchmarks.gpu import BareLoop
+
+    args = argparse.Namespace(batch=4)
+    recipe, trainer = speed.loop_trainer(args, torch.device("cpu"), str(tmp_path))
+    bare = BareLoop(recipe, trainer.dataset, trainer.acc.device, trainer)
+    assert bare.G is trainer.unwrapped(trainer.G) and bare.D is trainer.unwrapped(trainer.D)
+    assert bare.opt_d is trainer.opt_d.optimizer and bare.opt_g is trainer.opt_g.optimizer
+    before = {k: v.clone() for k, v in trainer.unwrapped(trainer.G).state_dict().items()}
+    bare.iteration()  # trains the Trainer's G
+    after = trainer.unwrapped(trainer.G).state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    trainer.log.close()

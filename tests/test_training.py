@@ -457,3 +457,24 @@ def test_the_g_step_with_d_frozen_gives_g_the_same_gradients_and_leaves_d_alone(
     assert grads[True].keys() == grads[False].keys() and len(grads[True]) > 10
     for n in grads[True]:
         torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-6, atol=1e-9, msg=n)
+
+
+def test_unwrapped_asks_accelerate_once_per_network_and_follows_a_new_discriminator(
+        tmp_path, monkeypatch):
+    from core.train import build_networks
+
+    recipe = load_recipe(write_recipe(tmp_path))
+    trainer = make_trainer(recipe, tmp_path / "run")
+    calls = []
+    unwrap = trainer.acc.unwrap_model
+    monkeypatch.setattr(trainer.acc, "unwrap_model", lambda m: calls.append(m) or unwrap(m))
+    for _ in range(3):
+        assert trainer.unwrapped(trainer.D) is unwrap(trainer.D)
+        assert trainer.unwrapped(trainer.G) is unwrap(trainer.G)
+    assert len(calls) == 2  # one look-up each, then remembered
+    _, _, new_d, d_regs, _ = build_networks(recipe)
+    trainer.replace_discriminator(new_d, d_regs)
+    assert trainer.unwrapped(trainer.D) is new_d  # the new D, not the remembered old one
+    other = nn.Linear(2, 2)
+    assert trainer.unwrapped(other) is other  # anything else: passed to accelerate each time
+    trainer.log.close()
