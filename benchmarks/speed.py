@@ -16,11 +16,17 @@ line, so that load from other processes on the machine cancels out:
   against upsample-conv1x1 (:func:`plugins.architectures.blocks.upsample_before_shortcut_conv`).
 
 - ``iteration``: one training iteration of the quickstart model through :class:`core.train.Trainer`
-  (global batch ``--batch``, n_critic 5: five D steps and a G step) with the loop's exact
-  speed-ups (D's parameters frozen in the G step, GBlock's shortcut conv before the upsample)
-  against both switched off (:func:`core.train.d_weight_gradients_in_g_step`,
-  :func:`~plugins.architectures.blocks.upsample_before_shortcut_conv`); and the G step alone
-  with D frozen against D's weight gradients computed.
+  (global batch ``--batch``, n_critic 5: five D steps and a G step) with every exact speed-up,
+  against the issue's three switched off (D's parameters frozen in the G step, GBlock's shortcut
+  conv before the upsample: :func:`core.train.d_weight_gradients_in_g_step`,
+  :func:`~plugins.architectures.blocks.upsample_before_shortcut_conv`; the third, one set of
+  samples per evaluation, is not in an iteration) and against all of them off (the D blocks'
+  pooling folded into their convolutions too, :func:`~plugins.architectures.blocks.pool_after_conv`),
+  the three ways rotating per repeat; and the G step alone with D frozen against D's weight
+  gradients computed.
+
+- ``d_pooling``: the quickstart D's forward and backward on a D step's real and fake images with
+  the blocks' conv3x3-avgpool as one stride-2 convolution against conv then pool.
 
 - ``overhead``: the framework's overhead (issue 15's target: <= 1.01x): the same iteration of the
   quickstart model through the Trainer against :class:`benchmarks.gpu.BareLoop`, the bare loop
@@ -72,7 +78,7 @@ from core.eval.runner import evaluate  # noqa: E402
 from core.interfaces import EvaluationContext  # noqa: E402
 from core.recipe import load_recipe  # noqa: E402
 from core.train import build_models, build_trainer, d_weight_gradients_in_g_step  # noqa: E402
-from plugins.architectures.blocks import upsample_before_shortcut_conv  # noqa: E402
+from plugins.architectures.blocks import pool_after_conv, upsample_before_shortcut_conv  # noqa: E402
 
 from benchmarks.model import SPEED_MODEL, SPEED_RECIPE  # noqa: E402
 
@@ -181,37 +187,81 @@ def loop_trainer(args: argparse.Namespace, device: torch.device, folder: str,
 
 
 def iteration(args: argparse.Namespace, device: torch.device) -> str:
+    """The Trainer's iteration with every exact speed-up, against the issue's three switched
+    off (D's weight gradients in the G step, GBlock's shortcut upsampling first; the third,
+    the shared evaluation samples, is not in an iteration) and against all of them off (the
+    D blocks' folded pooling too), the three ways rotating per repeat; then the G step alone
+    with D frozen against D's weight gradients."""
+
+    def issues_three() -> ContextManager:
+        stack = contextlib.ExitStack()
+        stack.enter_context(d_weight_gradients_in_g_step())
+        stack.enter_context(upsample_before_shortcut_conv())
+        return stack
+
+    def all_off() -> ContextManager:
+        stack = issues_three()
+        stack.enter_context(pool_after_conv())
+        return stack
+
+    def run(fn: Callable[[], object], way: Callable[[], ContextManager]):
+        def go() -> None:
+            with way():
+                for _ in range(args.steps):
+                    fn()
+        return go
+
+    ways = {"on": contextlib.nullcontext, "three_off": issues_three, "all_off": all_off}
     with tempfile.TemporaryDirectory() as folder:
         recipe, trainer = loop_trainer(args, device, folder)
-
-        def old_way() -> ContextManager:
-            stack = contextlib.ExitStack()
-            stack.enter_context(d_weight_gradients_in_g_step())
-            stack.enter_context(upsample_before_shortcut_conv())
-            return stack
-
-        def run(fn: Callable[[], object], way: Callable[[], ContextManager]):
-            def go() -> None:
-                with way():
-                    for _ in range(args.steps):
-                        fn()
-            return go
-
-        lines = []
-        for label, fn, old in (
-                ("iteration", trainer.train_iteration, old_way),
-                ("G step, D frozen / D's weight gradients", trainer.generator_step,
-                 d_weight_gradients_in_g_step)):
-            run(fn, contextlib.nullcontext)()  # warm-up, both ways
-            run(fn, old)()
-            ratio, t_new, t_old = alternating_ratio(run(fn, contextlib.nullcontext), run(fn, old),
-                                                    args.repeats)
-            lines.append(f"{label} {ratio:.3f}x ({1e3 * t_new / args.steps:.0f} vs "
-                         f"{1e3 * t_old / args.steps:.0f} ms)")
+        loops = {name: run(trainer.train_iteration, way) for name, way in ways.items()}
+        for loop in loops.values():
+            loop()  # warm-up, every way
+        seconds = rotating_times(loops, args.repeats)
+        g_on, g_off = run(trainer.generator_step, contextlib.nullcontext), \
+            run(trainer.generator_step, d_weight_gradients_in_g_step)
+        g_on(), g_off()
+        g_ratio, g_new, g_old = alternating_ratio(g_on, g_off, args.repeats)
         trainer.log.close()
+    ms = lambda name: 1e3 * statistics.median(seconds[name]) / args.steps  # noqa: E731
+    speedup = lambda old: statistics.median(  # noqa: E731
+        o / n for o, n in zip(seconds[old], seconds["on"]))
     return (f"iteration: quickstart model (resnet32 ch {recipe.architecture.config.ch}), batch "
-            f"{args.batch}, n_critic 5, speed-ups on / off: " + "; ".join(lines)
-            + f"; speed-up {1 / float(lines[0].split()[1][:-1]):.3f}x (median of {args.repeats})")
+            f"{args.batch}, n_critic 5, {ms('on'):.0f} ms with every exact speed-up, "
+            f"{ms('three_off'):.0f} ms without the issue's three, {ms('all_off'):.0f} ms without "
+            f"any (D's folded pooling off too): speed-up of the issue's three "
+            f"{speedup('three_off'):.3f}x, of all {speedup('all_off'):.3f}x; G step, D frozen / "
+            f"D's weight gradients {g_ratio:.3f}x ({1e3 * g_new / args.steps:.0f} vs "
+            f"{1e3 * g_old / args.steps:.0f} ms) (median of {args.repeats})")
+
+
+def d_pooling(args: argparse.Namespace, device: torch.device) -> str:
+    """The quickstart D's forward and backward (real and fake batches together, as a D step)
+    with the blocks' pooling folded into their convolutions against conv-then-pool
+    (:func:`plugins.architectures.blocks.pool_after_conv`)."""
+    recipe, architecture, G, D = quickstart(device)
+    size = architecture.resolution
+    images = torch.randn(2 * args.batch, 3, size, size, device=device)
+
+    def step() -> None:
+        D.zero_grad(set_to_none=True)
+        x = images.clone().requires_grad_(True)
+        D(x).sum().backward()
+
+    def run(way: Callable[[], ContextManager]):
+        def go() -> None:
+            with way():
+                for _ in range(args.steps):
+                    step()
+        return go
+
+    run(contextlib.nullcontext)(), run(pool_after_conv)()
+    ratio, t_new, t_old = alternating_ratio(run(contextlib.nullcontext), run(pool_after_conv),
+                                            args.repeats)
+    return (f"d_pooling: quickstart D (resnet32 ch {recipe.architecture.config.ch}, "
+            f"{2 * args.batch} images), forward + backward, conv3x3-avgpool folded into one "
+            f"stride-2 conv / conv then pool: {ratio:.3f}x ({1e3 * t_new / args.steps:.1f} vs "
+            f"{1e3 * t_old / args.steps:.1f} ms) (median of {args.repeats})")
 
 
 def loop_seconds(args: argparse.Namespace, device: torch.device, repeats: int,
@@ -331,6 +381,7 @@ MEASUREMENTS: list[tuple[str, Callable[[argparse.Namespace, torch.device], str]]
     ("eval_sharing", eval_sharing),
     ("g_shortcut", g_shortcut),
     ("iteration", iteration),
+    ("d_pooling", d_pooling),
     ("overhead", overhead),
     ("formats", formats),
     ("ema", ema),

@@ -732,6 +732,109 @@ def test_generator_with_either_shortcut_order_and_old_checkpoint_names():
     assert shapes == {f"b{i}.sc.weight": (8, 8, 1, 1) for i in (1, 2, 3)}
 
 
+RESNET_D = [(name, kw) for name, kw in SMALL if name.startswith("resnet")]
+
+
+def _output_and_grads(module: nn.Module, x: torch.Tensor, upstream_seed: int = 2
+                      ) -> list[torch.Tensor]:
+    module.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    out = module(x)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(upstream_seed),
+                           dtype=out.dtype)
+    (out * upstream).sum().backward()
+    return [out.detach(), x.grad] + [p.grad for p in module.parameters()]
+
+
+def test_pooled_kernel_is_conv_then_average_pool_in_float64():
+    """conv3x3 (padding 1) then 2x2 average pooling == one 4x4 stride-2 convolution with
+    ``pooled_kernel``, for even and odd sizes, bias included."""
+    from plugins.architectures.blocks import pooled_kernel
+
+    rng = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 3, 3, 3, generator=rng, dtype=torch.float64)
+    b = torch.randn(5, generator=rng, dtype=torch.float64)
+    for size in (8, 7, 2):
+        x = torch.randn(2, 3, size, size, generator=rng, dtype=torch.float64)
+        expected = F.avg_pool2d(F.conv2d(x, w, b, padding=1), 2)
+        got = F.conv2d(x, pooled_kernel(w), b, stride=2, padding=1)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name,kwargs", RESNET_D, ids=[f"{n}-{kw}" for n, kw in RESNET_D])
+@pytest.mark.parametrize("regularizer", [None, "sn"])
+def test_discriminator_with_folded_pooling_equals_pool_after_conv(name, kwargs, regularizer):
+    """Whole resnet32/resnet128 D (projection and BSN blocks too), bare or spectrally
+    normalized: logits and the gradients with respect to the images and every parameter equal
+    the paper's order (conv, then pool), in float64 to 1e-10; the power iteration steps once
+    per forward either way."""
+    from core.train import apply_regularizers
+    from plugins.architectures.blocks import pool_after_conv
+    from plugins.regularizers.sn import SpectralNorm
+
+    torch.manual_seed(0)
+    arch = make(name, **kwargs)
+    D = arch.build_discriminator().double()
+    if regularizer:
+        D = apply_regularizers(D, [SpectralNorm(SpectralNorm.Config())], "discriminator")
+    rng = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 3, arch.resolution, arch.resolution, generator=rng, dtype=torch.float64)
+    y = torch.randint(0, arch.num_classes, (3,), generator=rng) if arch.conditional else None
+    model = (lambda images: D(images, y)) if y is not None else D
+    wrapper = _Call(D, model)
+    state = {k: v.clone() for k, v in D.state_dict().items()}
+    fast = _output_and_grads(wrapper, x)
+    fast_state = {k: v.clone() for k, v in D.state_dict().items()}
+    D.load_state_dict(state)  # the same power-iteration vectors for the second forward
+    with pool_after_conv():
+        slow = _output_and_grads(wrapper, x)
+    assert len(fast) == len(slow) == 2 + len(list(D.parameters()))
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    for k, v in D.state_dict().items():  # power iteration advanced alike
+        torch.testing.assert_close(v, fast_state[k], rtol=1e-10, atol=1e-10)
+
+
+class _Call(nn.Module):
+    """``fn(x)`` as a module whose parameters are ``module``'s."""
+
+    def __init__(self, module: nn.Module, fn) -> None:
+        super().__init__()
+        self.module, self.fn = module, fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def test_folded_pooling_does_less_work_keeps_hooks_and_switches_back():
+    """The folded residual conv runs at a quarter of the positions; a conv with a forward hook
+    runs unfolded (the hook fires); pool_after_conv restores the fast form on exit."""
+    from plugins.architectures.blocks import pool_after_conv
+
+    torch.manual_seed(0)
+    block = DBlock(4, 6, down=True)
+    x = torch.randn(2, 4, 8, 8)
+    fast = block(x)
+    seen = []
+    handle = block.c2.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    hooked = block(x)
+    handle.remove()
+    assert seen == [(2, 6, 8, 8)]  # unfolded: the conv's own full-size output, hook called
+    torch.testing.assert_close(hooked, fast, rtol=1e-5, atol=1e-6)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops() -> int:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            block(x)
+        return counter.get_total_flops()
+
+    folded = flops()
+    with pool_after_conv():
+        paper = flops()
+    assert flops() == folded < paper
+
+
 @pytest.mark.parametrize("resolution", [8, 16])
 def test_standard_cnn_at_the_small_stacked_digits_sizes(resolution):
     """cnn at 8 / 16 pixels: the same layers on a 1x1 / 2x2 bottom, G's images at that size."""

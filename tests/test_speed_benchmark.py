@@ -23,15 +23,17 @@ def test_loop_measurements_print_their_ratios(speed, capsys):
     import core.train
     import plugins.architectures.blocks as blocks
 
-    assert speed.main(["--only", "iteration", "g_shortcut", "ema", "--repeats", "1", "--steps",
-                       "1", "--batch", "4", "--cpu"]) == 0
+    assert speed.main(["--only", "iteration", "g_shortcut", "d_pooling", "ema", "--repeats",
+                       "1", "--steps", "1", "--batch", "4", "--cpu"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("device cpu") and len(lines) == 4
-    assert lines[3].startswith("ema: one EMA update / one G step") and "%" in lines[3]
+    assert lines[0].startswith("device cpu") and len(lines) == 5
+    assert lines[4].startswith("ema: one EMA update / one G step") and "%" in lines[4]
     assert lines[1].startswith("g_shortcut:") and lines[2].startswith("iteration:")
+    assert "speed-up of the issue's three " in lines[2] and ", of all " in lines[2]
     ratios = [float(r) for r in re.findall(r"(\d+\.\d+)x", lines[2])]
     assert len(ratios) == 3 and all(r > 0 for r in ratios)
-    assert core.train._FREEZE_D_IN_G_STEP and blocks._SHORTCUT_CONV_FIRST
+    assert lines[3].startswith("d_pooling: quickstart D") and re.search(r"\d\.\d+x", lines[3])
+    assert core.train._FREEZE_D_IN_G_STEP and blocks._SHORTCUT_CONV_FIRST and blocks._POOL_FOLDED
 
 
 
