@@ -334,9 +334,9 @@ def generate(out_dir: Path = ZOO) -> list[Path]:
 
 def generated_locations(zoo: Path = ZOO) -> list[Path]:
     """The recipe files on disk in the folders this script writes (``zoo/``, ``zoo/bssn/``),
-    hand-written ones (``quickstart.toml``, ``quickstart_r1.toml``) excluded."""
+    hand-written ones (``quickstart.toml``, ``quickstart_r1.toml``, ``quickstart_wide.toml``) excluded."""
     found = [p for p in sorted(zoo.glob("*.toml"))
-             if p.name not in ("quickstart.toml", "quickstart_r1.toml")]
+             if p.name not in ("quickstart.toml", "quickstart_r1.toml", "quickstart_wide.toml")]
     return found + sorted((zoo / "bssn").glob("*.toml"))
 
 
