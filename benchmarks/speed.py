@@ -21,7 +21,8 @@ line, so that load from other processes on the machine cancels out:
   conv before the upsample: :func:`core.train.d_weight_gradients_in_g_step`,
   :func:`~plugins.architectures.blocks.upsample_before_shortcut_conv`; the third, one set of
   samples per evaluation, is not in an iteration) and against all of them off (the D blocks'
-  pooling folded into their convolutions too, :func:`~plugins.architectures.blocks.pool_after_conv`),
+  pooling folded into their convolutions too,
+  :func:`~plugins.architectures.blocks.pool_after_conv`),
   the three ways rotating per repeat; and the G step alone with D frozen against D's weight
   gradients computed.
 
@@ -78,7 +79,8 @@ from core.eval.runner import evaluate  # noqa: E402
 from core.interfaces import EvaluationContext  # noqa: E402
 from core.recipe import load_recipe  # noqa: E402
 from core.train import build_models, build_trainer, d_weight_gradients_in_g_step  # noqa: E402
-from plugins.architectures.blocks import pool_after_conv, upsample_before_shortcut_conv  # noqa: E402
+from plugins.architectures.blocks import (pool_after_conv,  # noqa: E402
+                                          upsample_before_shortcut_conv)
 
 from benchmarks.model import SPEED_MODEL, SPEED_RECIPE  # noqa: E402
 
@@ -89,6 +91,17 @@ def quickstart(device: torch.device):
     torch.manual_seed(recipe.seed)
     architecture, G, D, _, _ = build_models(recipe)
     return recipe, architecture, G.to(device), D.to(device)
+
+
+def repeated_under(way: Callable[[], ContextManager], fn: Callable[[], object],
+                   times: int) -> Callable[[], None]:
+    """A callable that runs ``fn`` ``times`` times within ``way()`` (a speed-up switch, or
+    :func:`contextlib.nullcontext`)."""
+    def run() -> None:
+        with way():
+            for _ in range(times):
+                fn()
+    return run
 
 
 # -- measurements ---------------------------------------------------------------------------
@@ -148,20 +161,14 @@ def g_shortcut(args: argparse.Namespace, device: torch.device) -> str:
             loss.generator_loss(D(fake, y)).backward()
             optimizer.step()
 
-    def with_order(fn: Callable[[], None], order: Callable[[], ContextManager]):
-        def run() -> None:
-            with order():
-                fn()
-        return run
-
     lines = []
     for label, fn in (("G forward", forward), ("G step", g_step)):
         fn()  # warm-up
         with upsample_before_shortcut_conv():
             fn()
         ratio, t_new, t_old = alternating_ratio(
-            with_order(fn, contextlib.nullcontext), with_order(fn, upsample_before_shortcut_conv),
-            args.repeats)
+            repeated_under(contextlib.nullcontext, fn, 1),
+            repeated_under(upsample_before_shortcut_conv, fn, 1), args.repeats)
         lines.append(f"{label} {ratio:.3f}x ({1e3 * t_new / steps:.1f} vs "
                      f"{1e3 * t_old / steps:.1f} ms)")
     return (f"g_shortcut: quickstart G (resnet32, g_ch {recipe.architecture.config.g_ch}, batch "
@@ -204,22 +211,16 @@ def iteration(args: argparse.Namespace, device: torch.device) -> str:
         stack.enter_context(pool_after_conv())
         return stack
 
-    def run(fn: Callable[[], object], way: Callable[[], ContextManager]):
-        def go() -> None:
-            with way():
-                for _ in range(args.steps):
-                    fn()
-        return go
-
     ways = {"on": contextlib.nullcontext, "three_off": issues_three, "all_off": all_off}
     with tempfile.TemporaryDirectory() as folder:
         recipe, trainer = loop_trainer(args, device, folder)
-        loops = {name: run(trainer.train_iteration, way) for name, way in ways.items()}
+        loops = {name: repeated_under(way, trainer.train_iteration, args.steps)
+                 for name, way in ways.items()}
         for loop in loops.values():
             loop()  # warm-up, every way
         seconds = rotating_times(loops, args.repeats)
-        g_on, g_off = run(trainer.generator_step, contextlib.nullcontext), \
-            run(trainer.generator_step, d_weight_gradients_in_g_step)
+        g_on = repeated_under(contextlib.nullcontext, trainer.generator_step, args.steps)
+        g_off = repeated_under(d_weight_gradients_in_g_step, trainer.generator_step, args.steps)
         g_on(), g_off()
         g_ratio, g_new, g_old = alternating_ratio(g_on, g_off, args.repeats)
         trainer.log.close()
@@ -248,16 +249,10 @@ def d_pooling(args: argparse.Namespace, device: torch.device) -> str:
         x = images.clone().requires_grad_(True)
         D(x).sum().backward()
 
-    def run(way: Callable[[], ContextManager]):
-        def go() -> None:
-            with way():
-                for _ in range(args.steps):
-                    step()
-        return go
-
-    run(contextlib.nullcontext)(), run(pool_after_conv)()
-    ratio, t_new, t_old = alternating_ratio(run(contextlib.nullcontext), run(pool_after_conv),
-                                            args.repeats)
+    folded = repeated_under(contextlib.nullcontext, step, args.steps)
+    paper = repeated_under(pool_after_conv, step, args.steps)
+    folded(), paper()  # warm-up, both ways
+    ratio, t_new, t_old = alternating_ratio(folded, paper, args.repeats)
     return (f"d_pooling: quickstart D (resnet32 ch {recipe.architecture.config.ch}, "
             f"{2 * args.batch} images), forward + backward, conv3x3-avgpool folded into one "
             f"stride-2 conv / conv then pool: {ratio:.3f}x ({1e3 * t_new / args.steps:.1f} vs "
@@ -278,7 +273,7 @@ def loop_seconds(args: argparse.Namespace, device: torch.device, repeats: int,
         for step in loops.values():
             step()  # warm-up, every loop
         seconds = rotating_times(
-            {name: (lambda step=step: [step() for _ in range(iterations)])
+            {name: repeated_under(contextlib.nullcontext, step, iterations)
              for name, step in loops.items()}, repeats)
         trainer.log.close()
     return recipe, {name: [t / iterations for t in times] for name, times in seconds.items()}
@@ -330,7 +325,7 @@ def formats(args: argparse.Namespace, device: torch.device) -> str:
             trainers[name] = trainer
 
         def run(trainer):
-            return lambda: [trainer.train_iteration() for _ in range(args.steps)]
+            return repeated_under(contextlib.nullcontext, trainer.train_iteration, args.steps)
 
         lines = []
         for name in ("channels_last", "compiled"):

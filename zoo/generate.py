@@ -332,11 +332,14 @@ def generate(out_dir: Path = ZOO) -> list[Path]:
     return written
 
 
+#: recipes in ``zoo/`` written by hand, not by this script.
+HAND_WRITTEN = ("quickstart.toml", "quickstart_r1.toml", "quickstart_wide.toml")
+
+
 def generated_locations(zoo: Path = ZOO) -> list[Path]:
     """The recipe files on disk in the folders this script writes (``zoo/``, ``zoo/bssn/``),
-    hand-written ones (``quickstart.toml``, ``quickstart_r1.toml``, ``quickstart_wide.toml``) excluded."""
-    found = [p for p in sorted(zoo.glob("*.toml"))
-             if p.name not in ("quickstart.toml", "quickstart_r1.toml", "quickstart_wide.toml")]
+    the :data:`HAND_WRITTEN` ones excluded."""
+    found = [p for p in sorted(zoo.glob("*.toml")) if p.name not in HAND_WRITTEN]
     return found + sorted((zoo / "bssn").glob("*.toml"))
 
 
